@@ -1,0 +1,549 @@
+"""Actors, their refs and the cell that runs one actor: mailbox, loop, lifecycle."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ._deadletters import DeadLetterReason
+from ._errors import ActorStopped, AskTimeout, EngineError, MailboxFull
+from ._types import ActorState, ActorStatistics, Overflow, Restart, check_timeout
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+    from ._supervision import Supervisor
+
+__all__ = ["Actor", "ActorRef"]
+
+logger = logging.getLogger("actorbus.actor")
+
+# The cell whose task is running: tells from inside actors are still taken
+# while the engine drains, tells from outside are refused.
+current_cell: ContextVar[Cell | None] = ContextVar("actorbus_current_actor", default=None)
+
+# Yield to the scheduler after this many messages handled without waiting, so
+# a busy actor cannot starve the others (a raw stream would yield on each one).
+_BATCH = 64
+
+_M = TypeVar("_M")
+
+
+class Actor:
+    """Base class of actors. Override the hooks you need; ``receive`` is required.
+
+    Actors are reached only through their ``ActorRef``; the runtime creates
+    instances from the factory given to ``spawn`` and calls the hooks from the
+    actor's own task, one message at a time.
+    """
+
+    _actorbus_cell: Cell | None = None
+
+    async def on_start(self) -> None:
+        """Called before the first message of this instance."""
+
+    async def receive(self, message: Any) -> Any:
+        """Handle one message; the return value is the reply to ``ask``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement receive()")
+
+    async def on_stop(self) -> None:
+        """Called when this instance is replaced or stopped (errors are logged)."""
+
+    async def on_restart(self, error: BaseException) -> None:
+        """Called on a fresh instance, before ``on_start``, with why it replaces the old one."""
+
+    @property
+    def ref(self) -> ActorRef:
+        """This actor's own ref (available from ``on_start`` on)."""
+        cell = self._actorbus_cell
+        if cell is None:
+            raise EngineError(f"{type(self).__name__} is not running in an engine")
+        return cell.ref
+
+    def stop(self) -> None:
+        """Exit normally after the current message.
+
+        The supervisor restarts a PERMANENT actor; TRANSIENT and TEMPORARY ones stay stopped.
+        """
+        cell = self._actorbus_cell
+        if cell is not None:
+            cell.self_stop = True
+            cell.wake_loop()
+
+
+class _Reply:
+    """The asker's side of one ``ask``."""
+
+    __slots__ = ("done", "error", "event", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set_result(self, value: Any) -> None:
+        if not self.done:
+            self.done = True
+            self.value = value
+            self.event.set()
+
+    def set_error(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.error = error
+            self.event.set()
+
+
+_Item = tuple[Any, _Reply | None]
+
+
+class OutcomeKind(enum.Enum):
+    STOP = "stop"  # stopped from outside or by the engine: never restarted
+    SUSPEND = "suspend"  # paused by the supervisor for a sibling's restart
+    NORMAL_EXIT = "normal_exit"  # the actor stopped itself
+    MESSAGE_FAILED = "message_failed"  # receive raised
+    CRASH = "crash"  # a failure outside receive
+
+
+class Outcome:
+    __slots__ = ("attempts", "error", "kind")
+
+    def __init__(
+        self, kind: OutcomeKind, error: BaseException | None = None, attempts: int = 0
+    ) -> None:
+        self.kind = kind
+        self.error = error
+        self.attempts = attempts
+
+
+class ActorRef(Generic[_M]):
+    """The only handle to an actor. It survives the actor's restarts."""
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: Cell) -> None:
+        self._cell = cell
+
+    @property
+    def name(self) -> str:
+        return self._cell.name
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self._cell.name!r} {self._cell.state.value}>"
+
+    def try_tell(self, message: _M) -> None:
+        """Queue ``message`` without waiting.
+
+        Raises ``MailboxFull`` when the mailbox is full under BLOCK or REJECT;
+        under the DROP policies a message is dead-lettered instead.
+        """
+        if not self._cell.offer((message, None)):
+            raise MailboxFull(
+                f"mailbox of {self._cell.name!r} is full ({self._cell.capacity} messages)"
+            )
+
+    async def tell(self, message: _M) -> None:
+        """Queue ``message``, waiting for room while the mailbox is full (BLOCK).
+
+        Returns without yielding when there is room, so a burst of tells fills
+        the mailbox and the actor drains it in one batch.
+        """
+        cell = self._cell
+        if not cell.offer((message, None)):
+            await cell.put((message, None))
+
+    async def ask(self, message: _M, *, timeout: float | None = 5.0) -> Any:
+        """Send ``message`` and wait for ``receive``'s return value.
+
+        If ``receive`` raised on the final attempt, that exception is raised
+        here; a dead-lettered message raises ``MailboxFull`` (dropped) or
+        ``ActorStopped``. After ``timeout`` seconds raises ``AskTimeout``.
+        The actor is not affected when the asker gives up.
+        """
+        check_timeout(timeout, "timeout")
+        cell = self._cell
+        reply = _Reply()
+        item = (message, reply)
+        if timeout is None:
+            if not cell.offer(item):
+                await cell.put(item)
+            await reply.event.wait()
+        else:
+            with anyio.move_on_after(timeout):
+                if not cell.offer(item):
+                    await cell.put(item)
+                await reply.event.wait()
+            if not reply.done:
+                raise AskTimeout(
+                    f"{cell.name!r} did not answer {type(message).__name__} within {timeout} s"
+                )
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+    def statistics(self) -> ActorStatistics:
+        return self._cell.statistics()
+
+    async def stop(self) -> None:
+        """Stop the actor for good after its current message.
+
+        Queued messages are dead-lettered (reason ``stopped``) and their asks
+        fail with ``ActorStopped``. Returns once ``on_stop`` has run (at once
+        when an actor stops itself through its own ref).
+        """
+        await self._cell.stop()
+
+
+class Cell:
+    """Runs one actor: its mailbox survives restarts, instances come and go."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        supervisor: Supervisor,
+        factory: Callable[[], Actor],
+        *,
+        name: str,
+        capacity: int,
+        overflow: Overflow,
+        restart: Restart,
+        max_attempts: int,
+    ) -> None:
+        self.engine = engine
+        self.supervisor = supervisor
+        self.factory = factory
+        self.name = name
+        self.capacity = capacity
+        self.overflow = overflow
+        self.restart = restart
+        self.max_attempts = max_attempts
+        self.ref: ActorRef[Any] = ActorRef(self)
+
+        self.queue: collections.deque[_Item] = collections.deque()
+        self.senders: collections.deque[anyio.Event] = collections.deque()
+        self.wakeup: anyio.Event | None = None
+        self.state = ActorState.STARTING
+        self.closed = False
+        self.instance: Actor | None = None
+        self.current: _Item | None = None
+        self.retry: tuple[_Item, int, BaseException] | None = None
+        self.loop_scope: anyio.CancelScope | None = None
+
+        self.self_stop = False
+        self.suspend_requested = False
+        self.stop_requested = False
+        self.stop_reason: DeadLetterReason = "stopped"
+        self.awaiting_command = False
+        self.command: tuple[str, Any] | None = None
+        self.command_event = anyio.Event()
+        self.paused = anyio.Event()
+        self.started = anyio.Event()
+        self.done = anyio.Event()
+
+        self.processed = 0
+        self.failed = 0
+        self.restarts = 0
+        self.peak = 0
+        # Crash streak for backoff: reset once the actor ran `within` seconds without one.
+        self.crash_streak = 0
+        self.last_crash_at = float("-inf")
+
+    # ------------------------------------------------------------------ mailbox
+
+    def offer(self, item: _Item) -> bool:
+        """Queue ``item`` if the mailbox allows it; False means "would block"."""
+        if self.closed:
+            raise ActorStopped(f"actor {self.name!r} is stopped")
+        engine = self.engine
+        if not engine._accepting and current_cell.get() is None:
+            engine._refuse()
+        queue = self.queue
+        if len(queue) >= self.capacity:
+            overflow = self.overflow
+            if overflow is Overflow.BLOCK:
+                return False
+            if overflow is Overflow.REJECT:
+                raise MailboxFull(f"mailbox of {self.name!r} is full ({self.capacity} messages)")
+            if overflow is Overflow.DROP_NEWEST:
+                self._dead_letter_new(item, "dropped")
+                return True
+            self.dead_letter(queue.popleft(), "dropped")
+        queue.append(item)
+        engine._inflight += 1
+        if len(queue) > self.peak:
+            self.peak = len(queue)
+        wakeup = self.wakeup
+        if wakeup is not None:
+            self.wakeup = None
+            wakeup.set()
+        return True
+
+    async def put(self, item: _Item) -> None:
+        """Wait for room, then queue ``item`` (the slow path of ``tell``)."""
+        while True:
+            event = anyio.Event()
+            self.senders.append(event)
+            try:
+                await event.wait()
+            except BaseException:
+                if event.is_set():
+                    # Woken for a slot we no longer take: hand it to the next sender.
+                    self.wake_sender()
+                else:
+                    self.senders.remove(event)
+                raise
+            if self.offer(item):
+                return
+
+    def wake_sender(self) -> None:
+        if self.senders:
+            self.senders.popleft().set()
+
+    def wake_loop(self) -> None:
+        wakeup = self.wakeup
+        if wakeup is not None:
+            self.wakeup = None
+            wakeup.set()
+
+    def _dead_letter_new(self, item: _Item, reason: DeadLetterReason) -> None:
+        # Not counted in flight yet: count it so dead_letter's release balances.
+        self.engine._inflight += 1
+        self.dead_letter(item, reason)
+
+    def dead_letter(
+        self,
+        item: _Item,
+        reason: DeadLetterReason,
+        error: BaseException | None = None,
+        attempts: int = 0,
+    ) -> None:
+        message, reply = item
+        self.engine.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
+        self.engine._release(1)
+        if reply is not None:
+            if reason == "failed" and error is not None:
+                reply.set_error(error)
+            elif reason == "dropped":
+                reply.set_error(
+                    MailboxFull(f"mailbox of {self.name!r} is full: the message was dropped")
+                )
+            else:
+                reply.set_error(ActorStopped(f"actor {self.name!r} stopped ({reason})"))
+
+    # ------------------------------------------------------------- statistics
+
+    def statistics(self) -> ActorStatistics:
+        return ActorStatistics(
+            name=self.name,
+            capacity=self.capacity,
+            depth=len(self.queue),
+            peak_depth=self.peak,
+            processed=self.processed,
+            failed=self.failed,
+            restarts=self.restarts,
+            state=self.state,
+        )
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def run(self, instance: Actor, *, task_status: TaskStatus[Exception | None]) -> None:
+        current_cell.set(self)
+        try:
+            try:
+                await self._start_instance(instance, None)
+            except Exception as exc:
+                task_status.started(exc)
+                return
+            task_status.started(None)
+            outcome: Outcome | None = None
+            while True:
+                if self.instance is not None:
+                    outcome = await self._message_loop()
+                    await self._stop_instance()
+                assert outcome is not None
+                if self.stop_requested or outcome.kind is OutcomeKind.STOP:
+                    break
+                self.state = ActorState.RESTARTING
+                self.command_event = anyio.Event()
+                self.awaiting_command = True
+                if self.suspend_requested:
+                    self.suspend_requested = False
+                else:
+                    self.supervisor.report(self, outcome)
+                self.paused.set()
+                await self.command_event.wait()
+                self.awaiting_command = False
+                self.paused = anyio.Event()
+                command, argument = self.command or ("terminate", None)
+                self.command = None
+                if command == "terminate":
+                    break
+                self.restarts += 1
+                try:
+                    await self._start_instance(self.factory(), argument)
+                except Exception as exc:
+                    outcome = Outcome(OutcomeKind.CRASH, exc)
+                    logger.warning(
+                        "actor %r failed to restart: %r", self.name, exc, extra={"actor": self.name}
+                    )
+                finally:
+                    self.started.set()
+        finally:
+            self._finalise()
+
+    async def _start_instance(self, instance: Actor, cause: BaseException | None) -> None:
+        if not isinstance(instance, Actor):
+            raise TypeError(
+                f"actor factory for {self.name!r} must return an Actor, "
+                f"got {type(instance).__name__}"
+            )
+        instance._actorbus_cell = self
+        self.self_stop = False
+        if cause is not None:
+            await instance.on_restart(cause)
+        await instance.on_start()
+        self.instance = instance
+        if not self.stop_requested:
+            self.state = ActorState.RUNNING
+
+    async def _stop_instance(self) -> None:
+        instance, self.instance = self.instance, None
+        if instance is None:
+            return
+        try:
+            await instance.on_stop()
+        except Exception:
+            logger.exception("on_stop of actor %r raised", self.name, extra={"actor": self.name})
+
+    async def _message_loop(self) -> Outcome:
+        instance = self.instance
+        assert instance is not None
+        receive = instance.receive
+        queue = self.queue
+        engine = self.engine
+        batch = 0
+        with anyio.CancelScope() as scope:
+            self.loop_scope = scope
+            while True:
+                if self.stop_requested:
+                    return Outcome(OutcomeKind.STOP)
+                if self.suspend_requested:
+                    return Outcome(OutcomeKind.SUSPEND)
+                if self.self_stop:
+                    return Outcome(OutcomeKind.NORMAL_EXIT)
+                retry = self.retry
+                if retry is not None:
+                    item, attempts, _ = retry
+                elif queue:
+                    item = queue.popleft()
+                    if self.senders:
+                        self.senders.popleft().set()
+                    attempts = 0
+                else:
+                    batch = 0
+                    wakeup = self.wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                self.current = item
+                try:
+                    result = await receive(item[0])
+                except Exception as exc:
+                    self.current = None
+                    attempts += 1
+                    self.failed += 1
+                    if attempts >= self.max_attempts or self.restart is Restart.TEMPORARY:
+                        self.retry = None
+                        self.dead_letter(item, "failed", exc, attempts)
+                    else:
+                        self.retry = (item, attempts, exc)
+                    return Outcome(OutcomeKind.MESSAGE_FAILED, exc, attempts)
+                self.current = None
+                self.retry = None
+                self.processed += 1
+                engine._inflight -= 1
+                if engine._draining and not engine._inflight:
+                    engine._drained.set()
+                reply = item[1]
+                if reply is not None:
+                    reply.set_result(result)
+                batch += 1
+                if batch >= _BATCH:
+                    batch = 0
+                    await anyio.lowlevel.checkpoint()
+        # Only the engine cancels this scope: the shutdown deadline passed.
+        self.loop_scope = None
+        return Outcome(OutcomeKind.STOP)
+
+    def _finalise(self) -> None:
+        self.closed = True
+        self.state = ActorState.STOPPED
+        reason = self.stop_reason
+        if self.engine._closing:
+            reason = "shutdown"
+        if self.current is not None:
+            item, self.current = self.current, None
+            self.dead_letter(item, reason)
+        if self.retry is not None:
+            item, attempts, error = self.retry
+            self.retry = None
+            self.dead_letter(item, reason, error, attempts)
+        while self.queue:
+            self.dead_letter(self.queue.popleft(), reason)
+        while self.senders:
+            self.senders.popleft().set()
+        self.engine._forget(self)
+        self.supervisor.forget(self)
+        self.paused.set()
+        self.started.set()
+        self.done.set()
+
+    # ------------------------------------------------- supervisor's controls
+
+    async def suspend(self) -> None:
+        """Stop the instance for a sibling's restart; the mailbox keeps filling."""
+        if self.closed or self.awaiting_command:
+            self.supervisor.pending.pop(self, None)
+            return
+        self.suspend_requested = True
+        self.wake_loop()
+        await self.paused.wait()
+
+    async def resume(self, cause: BaseException | None) -> None:
+        """Start a fresh instance after a suspension or a failure."""
+        if self.closed or not self.awaiting_command:
+            return
+        self.started = anyio.Event()
+        self.command = ("restart", cause)
+        self.command_event.set()
+        await self.started.wait()
+
+    async def terminate(self, reason: DeadLetterReason, *, cancel_current: bool = False) -> None:
+        """Stop for good; queued messages are dead-lettered with ``reason``."""
+        if self.state is ActorState.STOPPED:
+            return
+        self.closed = True
+        self.stop_reason = reason
+        self.stop_requested = True
+        if self.state is not ActorState.STOPPED:
+            self.state = ActorState.STOPPING
+        if self.awaiting_command:
+            self.command = ("terminate", None)
+            self.command_event.set()
+        else:
+            self.wake_loop()
+            if cancel_current and self.loop_scope is not None:
+                self.loop_scope.cancel()
+        while self.senders:
+            self.senders.popleft().set()
+        if current_cell.get() is not self:
+            await self.done.wait()
+
+    async def stop(self) -> None:
+        await self.terminate("stopped")
