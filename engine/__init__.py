@@ -42,5 +42,13 @@ __all__ = [
 
 import logging as _logging
 
+# Public names report the package, not the private module they live in
+# (reprs, docs and pickles then show engine.Actor, not engine._actor.Actor).
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("engine._"):
+        _obj.__module__ = "engine"
+del _name, _obj
+
 # A library never configures logging; the application decides where records go.
 _logging.getLogger("actorbus").addHandler(_logging.NullHandler())

@@ -1,0 +1,263 @@
+"""What every scenario shares: the result record, statistics, the machine, the table.
+
+The parent (``python -m benchmarks``) starts one subprocess per scenario and
+backend with ``python -m benchmarks._harness run-one SCENARIO BACKEND N REPEATS``;
+the child prints one JSON object on stdout. A fresh interpreter per scenario
+keeps one scenario's garbage, caches and heap growth out of the next one's figures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DISCLAIMER = """\
+Read these numbers with care. They come from one machine at one moment, and
+timings of operations that take microseconds move by 10-20% from one run to
+the next: CPU frequency scaling, other processes, memory layout and the garbage
+collector all play a part. Our engine and the raw anyio limit run in the same
+process, alternating repetition by repetition, so drift hits both alike:
+compare the ratios rather than the absolute figures, look at the spread of the
+per-pair ratios, and rerun before trusting a small difference."""
+
+EVENTS = "events"
+"""Scenario name of benchmarks/scenario_events.py (optional; no raw comparison)."""
+EVENTS_MODULE = "benchmarks.scenario_events"
+EVENTS_N = {"full": 10_000, "quick": 1_000, "smoke": 200}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a scenario measured: medians of ours and of the raw limit, in ``unit``."""
+
+    ours: float
+    limit: float
+    pair_ratios: list[float]
+    """ours / limit of each alternating pair of repetitions: their spread shows the noise."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    run: Callable[[int, int], Awaitable[Measurement]]
+    """``run(n, repeats)``: backend-independent, started with ``anyio.run``."""
+    unit: str
+    higher_is_better: bool
+    target: float
+    """The issue's target for ours / limit."""
+    n: dict[str, int]
+    """N per repetition for each mode: full, quick, smoke."""
+
+    @property
+    def target_text(self) -> str:
+        return f"{'>=' if self.higher_is_better else '<='} {self.target:g}"
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.target if self.higher_is_better else ratio <= self.target
+
+
+REPEATS = {"full": 9, "quick": 3, "smoke": 2}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile: always one of the observed values."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+# ------------------------------------------------------------------- context
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for package in ("actorbus", "anyio", "trio", "msgspec"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def events_available() -> bool:
+    return importlib.util.find_spec(EVENTS_MODULE) is not None
+
+
+# ------------------------------------------------------------------ children
+
+
+def run_one(name: str, backend: str, n: int, repeats: int) -> dict[str, Any]:
+    """Run one scenario in this process and return its result record."""
+    if name == EVENTS:
+        module = importlib.import_module(EVENTS_MODULE)
+        figures = module.run(n)
+        return {
+            "scenario": EVENTS,
+            "backend": backend,
+            "unit": "µs",
+            "n": n,
+            "figures": {str(key): float(value) for key, value in figures.items()},
+        }
+
+    import functools
+
+    import anyio
+
+    from .scenario_actors import SCENARIOS
+
+    scenario = SCENARIOS[name]
+    measured = anyio.run(functools.partial(scenario.run, n, repeats), backend=backend)
+    ratio = measured.ours / measured.limit
+    return {
+        "scenario": name,
+        "backend": backend,
+        "unit": scenario.unit,
+        "n": n,
+        "repeats": repeats,
+        "ours": measured.ours,
+        "limit": measured.limit,
+        "ratio": ratio,
+        "target": scenario.target_text,
+        "met": scenario.met(ratio),
+        "extra": {
+            "pair_ratio_min": min(measured.pair_ratios),
+            "pair_ratio_max": max(measured.pair_ratios),
+            **measured.extra,
+        },
+    }
+
+
+# --------------------------------------------------------------------- table
+
+
+def _number(value: float, unit: str) -> str:
+    return f"{value:,.0f}" if unit == "msgs/s" else f"{value:,.1f}"
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_results(results: Sequence[dict[str, Any]]) -> str:
+    header = (
+        "scenario",
+        "backend",
+        "ours",
+        "raw limit",
+        "unit",
+        "ours/limit",
+        "pair range",
+        "target",
+        "met",
+    )
+    rows: list[tuple[str, ...]] = []
+    for result in results:
+        name, backend, unit = result["scenario"], result["backend"], result.get("unit", "")
+        if "error" in result:
+            rows.append((name, backend, "error", "", unit, "", "", "", result["error"]))
+            continue
+        extra = result["extra"]
+        rows.append(
+            (
+                f"{name} (p50)" if "ours_p99" in extra else name,
+                backend,
+                _number(result["ours"], unit),
+                _number(result["limit"], unit),
+                unit,
+                f"{result['ratio']:.2f}",
+                f"{extra['pair_ratio_min']:.2f}-{extra['pair_ratio_max']:.2f}",
+                result["target"],
+                "yes" if result["met"] else "NO",
+            )
+        )
+        if "ours_p99" in extra:
+            p99_ratio = extra["ours_p99"] / extra["limit_p99"]
+            rows.append(
+                (
+                    f"{name} (p99)",
+                    backend,
+                    _number(extra["ours_p99"], unit),
+                    _number(extra["limit_p99"], unit),
+                    unit,
+                    f"{p99_ratio:.2f}",
+                    "",
+                    "-",
+                    "-",
+                )
+            )
+    return _render(header, rows)
+
+
+def format_figures(figures: Sequence[dict[str, Any]]) -> str:
+    rows: list[tuple[str, ...]] = []
+    for entry in figures:
+        if "error" in entry:
+            rows.append((entry["scenario"], "error", entry["error"]))
+            continue
+        for key, value in entry["figures"].items():
+            rows.append((entry["scenario"], key, f"{value:,.2f} {entry['unit']}"))
+    return _render(("scenario", "measure", "median"), rows)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 5 or argv[0] != "run-one":
+        print(
+            "usage: python -m benchmarks._harness run-one SCENARIO BACKEND N REPEATS",
+            file=sys.stderr,
+        )
+        return 2
+    _, name, backend, n, repeats = argv
+    print(json.dumps(run_one(name, backend, int(n), int(repeats))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,85 @@
+"""The benchmark harness runs end to end and writes JSON of the documented shape.
+
+Only the plumbing is checked: timings are never asserted, they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCENARIOS = {"try_tell_burst", "tell_stream", "ask_roundtrip"}
+
+
+def _run_harness(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "x.json"
+
+    done = _run_harness("--quick", "--smoke", "--json", str(path))
+
+    assert done.returncode == 0, done.stderr
+    document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    assert set(document["machine"]) >= {"platform", "cpu_count", "python"}
+    assert set(document["versions"]) >= {"anyio", "trio", "msgspec"}
+    results = document["results"]
+    assert {(r["scenario"], r["backend"]) for r in results} == {
+        (name, backend) for name in SCENARIOS for backend in ("asyncio", "trio")
+    }
+    for result in results:
+        assert set(result) >= {
+            "scenario",
+            "backend",
+            "unit",
+            "ours",
+            "limit",
+            "ratio",
+            "target",
+            "met",
+            "extra",
+        }
+        assert result["ours"] > 0
+        assert result["limit"] > 0
+        assert result["ratio"] == pytest.approx(result["ours"] / result["limit"])
+        assert isinstance(result["met"], bool)
+    ask = [r for r in results if r["scenario"] == "ask_roundtrip"]
+    assert all({"ours_p99", "limit_p99"} <= set(r["extra"]) for r in ask)
+    for entry in document["figures"]:
+        assert entry["scenario"] == "events"
+        assert all(isinstance(value, float) for value in entry["figures"].values())
+    # The report names what it measured on, and warns about noise before any figure.
+    assert "cpu_count" in done.stdout
+    assert done.stdout.index("Read these numbers with care") < done.stdout.index("try_tell_burst")
+
+
+def test_harness_runs_only_the_selected_scenario_and_backend(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+
+    done = _run_harness("--smoke", "--backend", "trio", "--only", "tell_str", "--json", str(path))
+
+    assert done.returncode == 0, done.stderr
+    results = json.loads(path.read_text(encoding="utf-8"))["results"]
+    assert [(r["scenario"], r["backend"]) for r in results] == [("tell_stream", "trio")]
+
+
+def test_harness_rejects_an_unknown_scenario(tmp_path: Path) -> None:
+    done = _run_harness("--only", "no-such-scenario", "--json", str(tmp_path / "x.json"))
+
+    assert done.returncode == 2
+    assert "no scenario matches" in done.stdout
