@@ -59,7 +59,7 @@ class Actor:
         """Called on a fresh instance, before ``on_start``, with why it replaces the old one."""
 
     @property
-    def ref(self) -> ActorRef:
+    def ref(self) -> ActorRef[Any]:
         """This actor's own ref (available from ``on_start`` on)."""
         cell = self._actorbus_cell
         if cell is None:
@@ -159,7 +159,7 @@ class ActorRef(Generic[_M]):
         if not cell.offer((message, None)):
             await cell.put((message, None))
 
-    async def ask(self, message: _M, *, timeout: float | None = 5.0) -> Any:
+    async def ask(self, message: _M, *, timeout: float | None = 5.0) -> Any:  # noqa: ASYNC109
         """Send ``message`` and wait for ``receive``'s return value.
 
         If ``receive`` raised on the final attempt, that exception is raised
@@ -531,8 +531,7 @@ class Cell:
         self.closed = True
         self.stop_reason = reason
         self.stop_requested = True
-        if self.state is not ActorState.STOPPED:
-            self.state = ActorState.STOPPING
+        self.state = ActorState.STOPPING
         if self.awaiting_command:
             self.command = ("terminate", None)
             self.command_event.set()

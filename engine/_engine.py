@@ -117,19 +117,31 @@ class Engine:
     ) -> bool | None:
         tg = self._tg
         assert tg is not None
+        error = exc
         try:
+            # With an error in flight the drain is skipped, but actors still get
+            # on_stop; the shield keeps a pending cancellation from cutting that short.
             with anyio.CancelScope(shield=exc is not None):
                 await self._shutdown(drain=exc is None)
+        except BaseException as shutdown_error:  # handed to the task group below
+            error = shutdown_error
         finally:
             self._running = False
             tg.cancel_scope.cancel()
-            try:
-                return await tg.__aexit__(exc_type, exc, tb)
-            except BaseExceptionGroup as group:
-                leaves = _leaves(group)
-                if len(leaves) == 1:
-                    raise leaves[0] from leaves[0].__cause__
-                raise
+        try:
+            suppressed = await tg.__aexit__(
+                type(error) if error else None, error, error.__traceback__ if error else None
+            )
+        except BaseExceptionGroup as group:
+            # One failure is raised as itself (a SupervisorEscalation, the
+            # body's own error), not wrapped in a group of one.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from leaves[0].__cause__
+            raise
+        if error is not None and error is not exc and not suppressed:
+            raise error
+        return suppressed
 
     async def _shutdown(self, *, drain: bool) -> None:
         self._accepting = False

@@ -111,8 +111,13 @@ class Supervisor:
         if child.restart is Restart.TEMPORARY or (
             kind is OutcomeKind.NORMAL_EXIT and child.restart is Restart.TRANSIENT
         ):
-            logger.info("%r exited (%s); not restarted (%s)", child.name, kind.value,
-                        child.restart.value, extra={"actor": child.name})
+            logger.info(
+                "%r exited (%s); not restarted (%s)",
+                child.name,
+                kind.value,
+                child.restart.value,
+                extra={"actor": child.name},
+            )
             self.forget(child)
             await child.terminate("stopped")
             return
@@ -229,8 +234,10 @@ class Supervisor:
         max_attempts: int = 3,
     ) -> ActorRef[Any]:
         if not callable(factory):
-            raise TypeError(f"factory must be callable (an Actor subclass or a function), "
-                            f"got {type(factory).__name__} {factory!r}")
+            raise TypeError(
+                f"factory must be callable (an Actor subclass or a function), "
+                f"got {type(factory).__name__} {factory!r}"
+            )
         check_name(name)
         check_int(capacity, "capacity", 1)
         check_enum(overflow, Overflow, "overflow")

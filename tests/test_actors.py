@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import anyio
@@ -118,7 +119,7 @@ async def test_try_tell_raises_mailbox_full_under_block_and_reject() -> None:
         log: list[Any] = []
         async with Engine() as engine:
             ref = await engine.spawn(
-                lambda: Gate(gate, log, entered), name="g", capacity=2, overflow=overflow
+                functools.partial(Gate, gate, log, entered), name="g", capacity=2, overflow=overflow
             )
             ref.try_tell(0)
             await entered.wait()
@@ -357,7 +358,7 @@ async def test_self_stop_restarts_only_permanent_actors() -> None:
     async with Engine() as engine:
         sup = await engine.supervisor("sup", backoff=None, max_restarts=10)
         refs = {
-            kind: await sup.spawn(lambda kind=kind: Once(kind), name=kind, restart=restart)
+            kind: await sup.spawn(functools.partial(Once, kind), name=kind, restart=restart)
             for kind, restart in [
                 ("permanent", Restart.PERMANENT),
                 ("transient", Restart.TRANSIENT),

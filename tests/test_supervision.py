@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -136,7 +137,7 @@ async def test_one_for_all_restarts_every_sibling_in_order() -> None:
     async with Engine() as engine:
         sup = await engine.supervisor("sup", strategy=Strategy.ONE_FOR_ALL, backoff=FAST)
         refs = [
-            await sup.spawn(lambda n=n: Poison(journal, n), name=n, max_attempts=1)
+            await sup.spawn(functools.partial(Poison, journal, n), name=n, max_attempts=1)
             for n in ("a", "b", "c")
         ]
         journal.clear()
@@ -162,7 +163,7 @@ async def test_rest_for_one_restarts_the_failed_child_and_those_after_it() -> No
     async with Engine() as engine:
         sup = await engine.supervisor("sup", strategy=Strategy.REST_FOR_ONE, backoff=FAST)
         refs = [
-            await sup.spawn(lambda n=n: Poison(journal, n), name=n, max_attempts=1)
+            await sup.spawn(functools.partial(Poison, journal, n), name=n, max_attempts=1)
             for n in ("a", "b", "c")
         ]
         journal.clear()
@@ -185,9 +186,7 @@ async def test_temporary_siblings_are_stopped_not_restarted_in_a_group_restart()
     async with Engine() as engine:
         sup = await engine.supervisor("sup", strategy=Strategy.ONE_FOR_ALL, backoff=FAST)
         a = await sup.spawn(lambda: Poison(journal, "a"), name="a", max_attempts=1)
-        t = await sup.spawn(
-            lambda: Poison(journal, "t"), name="t", restart=Restart.TEMPORARY
-        )
+        t = await sup.spawn(lambda: Poison(journal, "t"), name="t", restart=Restart.TEMPORARY)
         await a.tell("poison")
         assert await a.ask("x") == "x"
         with pytest.raises(ActorStopped):
@@ -249,7 +248,7 @@ async def test_stopping_a_supervisor_stops_its_children_in_reverse_order() -> No
     async with Engine() as engine:
         sup = await engine.supervisor("sup")
         for n in ("a", "b", "c"):
-            await sup.spawn(lambda n=n: Poison(journal, n), name=n)
+            await sup.spawn(functools.partial(Poison, journal, n), name=n)
         await sup.stop()
         assert engine.metrics().actors == {}
         with pytest.raises(ActorStopped):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import anyio
@@ -50,7 +51,7 @@ class Timed(Actor):
 
 def gaps(times: list[float], start: float) -> list[float]:
     points = [start, *times]
-    return [round(b - a, 6) for a, b in zip(points, points[1:], strict=False)]
+    return [round(b - a, 6) for a, b in itertools.pairwise(points)]
 
 
 async def test_message_failure_backoff_grows_per_attempt_and_starts_over() -> None:
