@@ -73,16 +73,19 @@ class Actor:
         """
         cell = self._actorbus_cell
         if cell is not None:
-            cell.self_stop = True
-            cell.wake_loop()
+            cell.request("self_stop")
 
 
-class _Reply:
-    """The asker's side of one ``ask``."""
+class _Ask:
+    """One ``ask`` in a mailbox: the message and the asker's side of the reply.
 
-    __slots__ = ("done", "error", "event", "value")
+    A ``tell`` queues the bare message, so the common case allocates nothing.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "error", "event", "message", "value")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
         self.event = anyio.Event()
         self.done = False
         self.value: Any = None
@@ -99,9 +102,6 @@ class _Reply:
             self.done = True
             self.error = error
             self.event.set()
-
-
-_Item = tuple[Any, _Reply | None]
 
 
 class OutcomeKind(enum.Enum):
@@ -144,10 +144,19 @@ class ActorRef(Generic[_M]):
         Raises ``MailboxFull`` when the mailbox is full under BLOCK or REJECT;
         under the DROP policies a message is dead-lettered instead.
         """
-        if not self._cell.offer((message, None)):
-            raise MailboxFull(
-                f"mailbox of {self._cell.name!r} is full ({self._cell.capacity} messages)"
-            )
+        cell = self._cell
+        queue = cell.queue
+        # Fast path inlined: this is the engine's hottest line.
+        if cell.open and len(queue) < cell.capacity:
+            queue.append(message)
+            if len(queue) > cell.peak:
+                cell.peak = len(queue)
+            wakeup = cell.wakeup
+            if wakeup is not None:
+                cell.wakeup = None
+                wakeup.set()
+        elif not cell.offer(message):
+            raise MailboxFull(f"mailbox of {cell.name!r} is full ({cell.capacity} messages)")
 
     async def tell(self, message: _M) -> None:
         """Queue ``message``, waiting for room while the mailbox is full (BLOCK).
@@ -156,8 +165,8 @@ class ActorRef(Generic[_M]):
         the mailbox and the actor drains it in one batch.
         """
         cell = self._cell
-        if not cell.offer((message, None)):
-            await cell.put((message, None))
+        if not cell.offer(message):
+            await cell.put(message)
 
     async def ask(self, message: _M, *, timeout: float | None = 5.0) -> Any:  # noqa: ASYNC109
         """Send ``message`` and wait for ``receive``'s return value.
@@ -167,26 +176,26 @@ class ActorRef(Generic[_M]):
         ``ActorStopped``. After ``timeout`` seconds raises ``AskTimeout``.
         The actor is not affected when the asker gives up.
         """
-        check_timeout(timeout, "timeout")
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
         cell = self._cell
-        reply = _Reply()
-        item = (message, reply)
+        ask = _Ask(message)
         if timeout is None:
-            if not cell.offer(item):
-                await cell.put(item)
-            await reply.event.wait()
+            if not cell.offer(ask):
+                await cell.put(ask)
+            await ask.event.wait()
         else:
             with anyio.move_on_after(timeout):
-                if not cell.offer(item):
-                    await cell.put(item)
-                await reply.event.wait()
-            if not reply.done:
+                if not cell.offer(ask):
+                    await cell.put(ask)
+                await ask.event.wait()
+            if not ask.done:
                 raise AskTimeout(
                     f"{cell.name!r} did not answer {type(message).__name__} within {timeout} s"
                 )
-        if reply.error is not None:
-            raise reply.error
-        return reply.value
+        if ask.error is not None:
+            raise ask.error
+        return ask.value
 
     def statistics(self) -> ActorStatistics:
         return self._cell.statistics()
@@ -226,19 +235,28 @@ class Cell:
         self.max_attempts = max_attempts
         self.ref: ActorRef[Any] = ActorRef(self)
 
-        self.queue: collections.deque[_Item] = collections.deque()
+        self.queue: collections.deque[Any] = collections.deque()
         self.senders: collections.deque[anyio.Event] = collections.deque()
         self.wakeup: anyio.Event | None = None
         self.state = ActorState.STARTING
         self.closed = False
+        # True while anyone may queue without further checks: not closed and
+        # the engine takes work from outside (the fast path of try_tell).
+        self.open = engine._accepting
+        # Waiting for messages with an empty mailbox: the engine's drain ends
+        # when no cell is busy.
+        self.idle = False
+        engine._busy += 1
         self.instance: Actor | None = None
-        self.current: _Item | None = None
-        self.retry: tuple[_Item, int, BaseException] | None = None
+        self.current: Any = None
+        self.retry: tuple[Any, int, BaseException] | None = None
         self.loop_scope: anyio.CancelScope | None = None
 
         self.self_stop = False
         self.suspend_requested = False
         self.stop_requested = False
+        # Any of the three above: checked once per message instead of three times.
+        self.interrupt = False
         self.stop_reason: DeadLetterReason = "stopped"
         self.awaiting_command = False
         self.command: tuple[str, Any] | None = None
@@ -257,13 +275,12 @@ class Cell:
 
     # ------------------------------------------------------------------ mailbox
 
-    def offer(self, item: _Item) -> bool:
+    def offer(self, item: Any) -> bool:
         """Queue ``item`` if the mailbox allows it; False means "would block"."""
         if self.closed:
             raise ActorStopped(f"actor {self.name!r} is stopped")
-        engine = self.engine
-        if not engine._accepting and current_cell.get() is None:
-            engine._refuse()
+        if not self.engine._accepting and current_cell.get() is None:
+            self.engine._refuse()
         queue = self.queue
         if len(queue) >= self.capacity:
             overflow = self.overflow
@@ -272,11 +289,10 @@ class Cell:
             if overflow is Overflow.REJECT:
                 raise MailboxFull(f"mailbox of {self.name!r} is full ({self.capacity} messages)")
             if overflow is Overflow.DROP_NEWEST:
-                self._dead_letter_new(item, "dropped")
+                self.dead_letter(item, "dropped")
                 return True
             self.dead_letter(queue.popleft(), "dropped")
         queue.append(item)
-        engine._inflight += 1
         if len(queue) > self.peak:
             self.peak = len(queue)
         wakeup = self.wakeup
@@ -285,7 +301,7 @@ class Cell:
             wakeup.set()
         return True
 
-    async def put(self, item: _Item) -> None:
+    async def put(self, item: Any) -> None:
         """Wait for room, then queue ``item`` (the slow path of ``tell``)."""
         while True:
             event = anyio.Event()
@@ -312,30 +328,28 @@ class Cell:
             self.wakeup = None
             wakeup.set()
 
-    def _dead_letter_new(self, item: _Item, reason: DeadLetterReason) -> None:
-        # Not counted in flight yet: count it so dead_letter's release balances.
-        self.engine._inflight += 1
-        self.dead_letter(item, reason)
-
     def dead_letter(
         self,
-        item: _Item,
+        item: Any,
         reason: DeadLetterReason,
         error: BaseException | None = None,
         attempts: int = 0,
     ) -> None:
-        message, reply = item
+        ask = item if type(item) is _Ask else None
+        message = item.message if ask is not None else item
         self.engine.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
-        self.engine._release(1)
-        if reply is not None:
+        if ask is not None:
             if reason == "failed" and error is not None:
-                reply.set_error(error)
+                ask.set_error(error)
             elif reason == "dropped":
-                reply.set_error(
+                ask.set_error(
                     MailboxFull(f"mailbox of {self.name!r} is full: the message was dropped")
                 )
             else:
-                reply.set_error(ActorStopped(f"actor {self.name!r} stopped ({reason})"))
+                ask.set_error(ActorStopped(f"actor {self.name!r} stopped ({reason})"))
+
+    def in_flight(self) -> int:
+        return len(self.queue) + (self.current is not None) + (self.retry is not None)
 
     # ------------------------------------------------------------- statistics
 
@@ -406,6 +420,7 @@ class Cell:
             )
         instance._actorbus_cell = self
         self.self_stop = False
+        self.interrupt = self.stop_requested
         if cause is not None:
             await instance.on_restart(cause)
         await instance.on_start()
@@ -427,52 +442,51 @@ class Cell:
         assert instance is not None
         receive = instance.receive
         queue = self.queue
+        senders = self.senders
         engine = self.engine
         batch = 0
         with anyio.CancelScope() as scope:
             self.loop_scope = scope
+            retry = self.retry
+            if retry is not None:
+                item, attempts, _ = retry
+                outcome = await self._retry(receive, item, attempts)
+                if outcome is not None:
+                    return outcome
             while True:
-                if self.stop_requested:
-                    return Outcome(OutcomeKind.STOP)
-                if self.suspend_requested:
-                    return Outcome(OutcomeKind.SUSPEND)
-                if self.self_stop:
-                    return Outcome(OutcomeKind.NORMAL_EXIT)
-                retry = self.retry
-                if retry is not None:
-                    item, attempts, _ = retry
-                elif queue:
+                if self.interrupt:
+                    return self._interruption()
+                if queue:
                     item = queue.popleft()
-                    if self.senders:
-                        self.senders.popleft().set()
-                    attempts = 0
+                    if senders:
+                        senders.popleft().set()
                 else:
                     batch = 0
+                    self.idle = True
+                    engine._cell_idle()
                     wakeup = self.wakeup = anyio.Event()
                     await wakeup.wait()
+                    self.idle = False
+                    engine._busy += 1
                     continue
-                self.current = item
-                try:
-                    result = await receive(item[0])
-                except Exception as exc:
-                    self.current = None
-                    attempts += 1
-                    self.failed += 1
-                    if attempts >= self.max_attempts or self.restart is Restart.TEMPORARY:
-                        self.retry = None
-                        self.dead_letter(item, "failed", exc, attempts)
-                    else:
-                        self.retry = (item, attempts, exc)
-                    return Outcome(OutcomeKind.MESSAGE_FAILED, exc, attempts)
-                self.current = None
-                self.retry = None
+                if type(item) is _Ask:
+                    try:
+                        result = await receive(item.message)
+                    except Exception as exc:
+                        return self._failed(item, 0, exc)
+                    except BaseException:
+                        self.current = item
+                        raise
+                    item.set_result(result)
+                else:
+                    try:
+                        await receive(item)
+                    except Exception as exc:
+                        return self._failed(item, 0, exc)
+                    except BaseException:
+                        self.current = item
+                        raise
                 self.processed += 1
-                engine._inflight -= 1
-                if engine._draining and not engine._inflight:
-                    engine._drained.set()
-                reply = item[1]
-                if reply is not None:
-                    reply.set_result(result)
                 batch += 1
                 if batch >= _BATCH:
                     batch = 0
@@ -481,9 +495,54 @@ class Cell:
         self.loop_scope = None
         return Outcome(OutcomeKind.STOP)
 
+    async def _retry(
+        self, receive: Callable[[Any], Any], item: Any, attempts: int
+    ) -> Outcome | None:
+        """Hand a failed message to the fresh instance; None when it succeeded."""
+        ask = item if type(item) is _Ask else None
+        try:
+            result = await receive(ask.message if ask is not None else item)
+        except Exception as exc:
+            return self._failed(item, attempts, exc)
+        except BaseException:
+            self.current, self.retry = item, None
+            raise
+        self.retry = None
+        self.processed += 1
+        if ask is not None:
+            ask.set_result(result)
+        return None
+
+    def _failed(self, item: Any, attempts: int, error: Exception) -> Outcome:
+        attempts += 1
+        self.failed += 1
+        if attempts >= self.max_attempts or self.restart is Restart.TEMPORARY:
+            self.retry = None
+            self.dead_letter(item, "failed", error, attempts)
+        else:
+            self.retry = (item, attempts, error)
+        return Outcome(OutcomeKind.MESSAGE_FAILED, error, attempts)
+
+    def _interruption(self) -> Outcome:
+        if self.stop_requested:
+            return Outcome(OutcomeKind.STOP)
+        if self.suspend_requested:
+            return Outcome(OutcomeKind.SUSPEND)
+        return Outcome(OutcomeKind.NORMAL_EXIT)
+
+    def request(self, flag: str) -> None:
+        """Ask the loop to leave after the current message (stop, suspend or self-stop)."""
+        setattr(self, flag, True)
+        self.interrupt = True
+        self.wake_loop()
+
     def _finalise(self) -> None:
         self.closed = True
+        self.open = False
         self.state = ActorState.STOPPED
+        if not self.idle:
+            self.idle = True
+            self.engine._cell_idle()
         reason = self.stop_reason
         if self.engine._closing:
             reason = "shutdown"
@@ -511,8 +570,7 @@ class Cell:
         if self.closed or self.awaiting_command:
             self.supervisor.pending.pop(self, None)
             return
-        self.suspend_requested = True
-        self.wake_loop()
+        self.request("suspend_requested")
         await self.paused.wait()
 
     async def resume(self, cause: BaseException | None) -> None:
@@ -529,14 +587,15 @@ class Cell:
         if self.state is ActorState.STOPPED:
             return
         self.closed = True
+        self.open = False
         self.stop_reason = reason
-        self.stop_requested = True
         self.state = ActorState.STOPPING
         if self.awaiting_command:
+            self.stop_requested = True
             self.command = ("terminate", None)
             self.command_event.set()
         else:
-            self.wake_loop()
+            self.request("stop_requested")
             if cancel_current and self.loop_scope is not None:
                 self.loop_scope.cancel()
         while self.senders:

@@ -84,7 +84,8 @@ class Engine:
         self._closing = False
         self._draining = False
         self._drained = anyio.Event()
-        self._inflight = 0
+        # Cells not waiting idle for messages: the drain ends when this is 0.
+        self._busy = 0
 
     # ---------------------------------------------------------- context manager
 
@@ -148,17 +149,20 @@ class Engine:
         self._closing = True
         root = self._root
         assert root is not None
+        for target in self._names.values():
+            if isinstance(target, Cell):
+                target.open = False
         timed_out = False
-        if drain and self._inflight:
+        if drain and self._busy:
             self._draining = True
             with anyio.move_on_after(self.shutdown_timeout):
                 await self._drained.wait()
             self._draining = False
-            timed_out = self._inflight > 0
+            timed_out = self._busy > 0
             if timed_out:
                 logger.warning(
                     "shutdown: %d messages still in flight after %.1f s; dead-lettering them",
-                    self._inflight,
+                    self._in_flight(),
                     self.shutdown_timeout,
                 )
         with anyio.move_on_after(self.shutdown_timeout):
@@ -189,10 +193,13 @@ class Engine:
         if self._names.get(child.name) is child:
             del self._names[child.name]
 
-    def _release(self, n: int) -> None:
-        self._inflight -= n
-        if self._draining and not self._inflight:
+    def _cell_idle(self) -> None:
+        self._busy -= 1
+        if self._draining and not self._busy:
             self._drained.set()
+
+    def _in_flight(self) -> int:
+        return sum(t.in_flight() for t in self._names.values() if isinstance(t, Cell))
 
     async def _redeliver(self, letter: DeadLetter) -> None:
         target = self._names.get(letter.actor)
@@ -268,7 +275,7 @@ class Engine:
                 for name, target in self._names.items()
                 if isinstance(target, Cell)
             },
-            in_flight=self._inflight,
+            in_flight=self._in_flight(),
             dead_letters=self.dead_letters.count(),
             dead_letters_total=self.dead_letters.total,
         )

@@ -119,17 +119,39 @@ async def test_restart_storm_escalates_out_of_the_engine(where: str) -> None:
 
 async def test_message_failures_do_not_count_toward_intensity_but_crashes_do() -> None:
     journal: list[str] = []
+    escalated = anyio.Event()
+
+    class Watcher(Poison):
+        async def on_restart(self, error: BaseException) -> None:
+            await super().on_restart(error)
+            if isinstance(error, SupervisorEscalation):
+                escalated.set()
+
+    class CrashOnce(Crashy):
+        crashes = 1
+
+        async def on_start(self) -> None:
+            self.journal.append(f"{self.name}:start")
+            if self.restarted and CrashOnce.crashes:
+                CrashOnce.crashes -= 1
+                raise RuntimeError("on_start broke")
+
     async with Engine() as engine:
         sup = await engine.supervisor("sup", backoff=FAST, max_restarts=0, within=60)
-        poison = await sup.spawn(lambda: Poison(journal, "p"), name="p", max_attempts=3)
+        watcher = await sup.spawn(lambda: Watcher(journal, "p"), name="p", max_attempts=3)
         for _ in range(5):
-            await poison.tell("poison")
-        assert await poison.ask("ok") == "ok"
-        crashy = await sup.spawn(lambda: Crashy(journal, "c"), name="c", max_attempts=1)
+            await watcher.tell("poison")
+        assert await watcher.ask("ok") == "ok"
+        assert not escalated.is_set()
+        assert engine.dead_letters.count() == 5
+        crashy = await sup.spawn(lambda: CrashOnce(journal, "c"), name="c", max_attempts=1)
         await crashy.tell("go")
-        # The crash exceeds max_restarts=0: sup gives up, root restarts it.
-        assert await poison.ask("again", timeout=5) == "again"
+        # One crash exceeds max_restarts=0: sup gives up, the root restarts it
+        # and with it both children.
+        await escalated.wait()
+        assert await watcher.ask("again") == "again"
         assert sup.children == ["p", "c"]
+        assert watcher.statistics().restarts == 16
 
 
 async def test_one_for_all_restarts_every_sibling_in_order() -> None:
