@@ -1,5 +1,9 @@
 """actorbus engine: supervised actors with bounded mailboxes on anyio."""
 
+from . import catalog as catalog
+from . import events as events
+from . import tenancy as tenancy
+from . import validation as validation
 from ._actor import Actor as Actor
 from ._actor import ActorRef as ActorRef
 from ._deadletters import DeadLetter as DeadLetter
@@ -11,6 +15,10 @@ from ._errors import AskTimeout as AskTimeout
 from ._errors import EngineError as EngineError
 from ._errors import MailboxFull as MailboxFull
 from ._errors import SupervisorEscalation as SupervisorEscalation
+from ._events import Event as Event
+from ._events import EventDecodeError as EventDecodeError
+from ._events import EventValidationError as EventValidationError
+from ._events import ValidationErrorKind as ValidationErrorKind
 from ._supervision import SupervisorRef as SupervisorRef
 from ._types import ActorState as ActorState
 from ._types import ActorStatistics as ActorStatistics
@@ -18,6 +26,9 @@ from ._types import Backoff as Backoff
 from ._types import Overflow as Overflow
 from ._types import Restart as Restart
 from ._types import Strategy as Strategy
+from .tenancy import TenantKey as TenantKey
+from .tenancy import TenantNotFound as TenantNotFound
+from .tenancy import TenantValidationError as TenantValidationError
 
 __all__ = [
     "Actor",
@@ -32,12 +43,23 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineMetrics",
+    "Event",
+    "EventDecodeError",
+    "EventValidationError",
     "MailboxFull",
     "Overflow",
     "Restart",
     "Strategy",
     "SupervisorEscalation",
     "SupervisorRef",
+    "TenantKey",
+    "TenantNotFound",
+    "TenantValidationError",
+    "ValidationErrorKind",
+    "catalog",
+    "events",
+    "tenancy",
+    "validation",
 ]
 
 import logging as _logging
@@ -46,7 +68,7 @@ import logging as _logging
 # (reprs, docs and pickles then show engine.Actor, not engine._actor.Actor).
 for _name in __all__:
     _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("engine._"):
+    if isinstance(_obj, type) and _obj.__module__.startswith("engine._"):
         _obj.__module__ = "engine"
 del _name, _obj
 

@@ -13,6 +13,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from . import catalog, events, tenancy
 from ._actor import Actor, ActorRef, Cell
 from ._deadletters import DeadLetter, DeadLetters
 from ._errors import ActorStopped, EngineError
@@ -51,6 +52,13 @@ class Engine:
     reverse start order and joins every task. An error nobody handled — a root
     supervisor that gave up — is raised from the ``async with``.
     """
+
+    events = events
+    """The event codec and registry (``engine.events.encode``/``decode``)."""
+    catalog = catalog
+    """The domain event catalog (CMS and shop)."""
+    tenancy = tenancy
+    """Tenant identifier validation."""
 
     def __init__(
         self,

@@ -1,0 +1,34 @@
+"""Every example runs as the README shows it, on both backends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_quickstart_shows_an_ask_a_crash_and_a_restart(backend: str) -> None:
+    out = run_example("quickstart.py", backend)
+    assert "count is 10" in out
+    assert "ask raised the handler's error after 2 attempts: simulated crash" in out
+    assert "[counter] on_restart after RuntimeError: simulated crash" in out
+    assert "count is 0 (a fresh instance)" in out
+    assert "#1 counter: 'crash' failed" in out
+    assert out.rstrip().endswith("done")
