@@ -32,3 +32,15 @@ def test_quickstart_shows_an_ask_a_crash_and_a_restart(backend: str) -> None:
     assert "count is 0 (a fresh instance)" in out
     assert "#1 counter: 'crash' failed" in out
     assert out.rstrip().endswith("done")
+
+
+def test_readme_tour_runs_as_printed(tmp_path: Path) -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    tour = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "tour.py"
+    script.write_text(tour)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["6", "ask raised boom", "RuntimeError: boom"]
