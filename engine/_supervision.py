@@ -65,7 +65,8 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.within = within
         self.backoff = backoff
-        self.children: list[Child] = []
+        # Insertion-ordered (start order) with O(1) removal: 10,000 stops stay linear.
+        self.children: dict[Child, None] = {}
         self.pending: dict[Child, Outcome] = {}
         self.wake = anyio.Event()
         self.lock = anyio.Lock()
@@ -99,8 +100,7 @@ class Supervisor:
         self.wake.set()
 
     def forget(self, child: Child) -> None:
-        if child in self.children:
-            self.children.remove(child)
+        self.children.pop(child, None)
         self.pending.pop(child, None)
 
     async def _handle(self, child: Child, outcome: Outcome) -> None:
@@ -167,7 +167,8 @@ class Supervisor:
             return [child]
         if self.strategy is Strategy.ONE_FOR_ALL:
             return list(self.children)
-        return self.children[self.children.index(child) :]
+        members = list(self.children)
+        return members[members.index(child) :]
 
     async def _give_up(self, child: Child, cause: BaseException | None) -> None:
         escalation = SupervisorEscalation(
@@ -176,7 +177,7 @@ class Supervisor:
         )
         escalation.__cause__ = cause
         logger.error("%s", escalation, extra={"supervisor": self.name})
-        for member in reversed(self.children):
+        for member in reversed(list(self.children)):
             await member.suspend()
         self.state = ActorState.RESTARTING
         if self.parent is None:
@@ -192,7 +193,7 @@ class Supervisor:
     async def suspend(self) -> None:
         async with self.lock:
             self.pending.clear()
-            for member in reversed(self.children):
+            for member in reversed(list(self.children)):
                 await member.suspend()
             self.state = ActorState.RESTARTING
 
@@ -261,7 +262,7 @@ class Supervisor:
         # Registered before the task starts so a failure during on_start is
         # reported to a supervisor that knows the child; run() unregisters it.
         engine._names[name] = cell
-        self.children.append(cell)
+        self.children[cell] = None
         error = await engine._task_group.start(cell.run, instance, name=f"actor {name}")
         if error is not None:
             raise error
@@ -298,7 +299,7 @@ class Supervisor:
             backoff=backoff,
         )
         engine._names[name] = child
-        self.children.append(child)
+        self.children[child] = None
         engine._task_group.start_soon(child.run, name=f"supervisor {name}")
         return child.ref
 
