@@ -6,6 +6,11 @@ from . import tenancy as tenancy
 from . import validation as validation
 from ._actor import Actor as Actor
 from ._actor import ActorRef as ActorRef
+from ._backpressure import BackpressureConfig as BackpressureConfig
+from ._backpressure import BackpressureController as BackpressureController
+from ._backpressure import BackpressureError as BackpressureError
+from ._backpressure import BackpressureMetrics as BackpressureMetrics
+from ._backpressure import BackpressureState as BackpressureState
 from ._deadletters import DeadLetter as DeadLetter
 from ._deadletters import DeadLetters as DeadLetters
 from ._engine import Engine as Engine
@@ -37,6 +42,11 @@ __all__ = [
     "ActorStatistics",
     "ActorStopped",
     "AskTimeout",
+    "BackpressureConfig",
+    "BackpressureController",
+    "BackpressureError",
+    "BackpressureMetrics",
+    "BackpressureState",
     "Backoff",
     "DeadLetter",
     "DeadLetters",

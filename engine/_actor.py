@@ -104,6 +104,21 @@ class _Ask:
             self.event.set()
 
 
+class Tracked:
+    """A message that must learn when it cannot be delivered (an event's delivery).
+
+    The cell hands it to ``dead_letter`` instead of storing it, so the owner can
+    record it under its own name and release what it holds (a backpressure slot).
+    """
+
+    __slots__ = ()
+
+    def dead_letter(
+        self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
+    ) -> None:
+        raise NotImplementedError
+
+
 class OutcomeKind(enum.Enum):
     STOP = "stop"  # stopped from outside or by the engine: never restarted
     SUSPEND = "suspend"  # paused by the supervisor for a sibling's restart
@@ -151,10 +166,8 @@ class ActorRef(Generic[_M]):
             queue.append(message)
             if len(queue) > cell.peak:
                 cell.peak = len(queue)
-            wakeup = cell.wakeup
-            if wakeup is not None:
-                cell.wakeup = None
-                wakeup.set()
+            if cell.wakeup is not None:
+                cell.wake()
         elif not cell.offer(message):
             raise MailboxFull(f"mailbox of {cell.name!r} is full ({cell.capacity} messages)")
 
@@ -234,6 +247,8 @@ class Cell:
         self.restart = restart
         self.max_attempts = max_attempts
         self.ref: ActorRef[Any] = ActorRef(self)
+        # Whose name a dead letter carries: a subscription's partitions use the subscription's.
+        self.dead_letter_name = name
 
         self.queue: collections.deque[Any] = collections.deque()
         self.senders: collections.deque[anyio.Event] = collections.deque()
@@ -295,10 +310,8 @@ class Cell:
         queue.append(item)
         if len(queue) > self.peak:
             self.peak = len(queue)
-        wakeup = self.wakeup
-        if wakeup is not None:
-            self.wakeup = None
-            wakeup.set()
+        if self.wakeup is not None:
+            self.wake()
         return True
 
     async def put(self, item: Any) -> None:
@@ -322,11 +335,17 @@ class Cell:
         if self.senders:
             self.senders.popleft().set()
 
-    def wake_loop(self) -> None:
+    def wake(self) -> None:
+        """Wake the idle loop. It counts as busy from now on, not from when its task
+        runs again, so a shutdown right after a tell still drains that message."""
         wakeup = self.wakeup
         if wakeup is not None:
             self.wakeup = None
+            self.idle = False
+            self.engine._busy += 1
             wakeup.set()
+
+    wake_loop = wake
 
     def dead_letter(
         self,
@@ -337,7 +356,10 @@ class Cell:
     ) -> None:
         ask = item if type(item) is _Ask else None
         message = item.message if ask is not None else item
-        self.engine.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
+        if isinstance(message, Tracked):
+            message.dead_letter(self, reason, error, attempts)
+        else:
+            self.engine.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
         if ask is not None:
             if reason == "failed" and error is not None:
                 ask.set_error(error)
@@ -367,16 +389,31 @@ class Cell:
 
     # -------------------------------------------------------------- lifecycle
 
-    async def run(self, instance: Actor, *, task_status: TaskStatus[Exception | None]) -> None:
+    async def run(
+        self,
+        instance: Actor,
+        *,
+        task_status: TaskStatus[Exception | None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The cell's task. With a task status (``spawn``) a failing first
+        ``on_start`` is handed back to the spawner; without one (cells started
+        without waiting, as subscriptions do) it is a crash for the supervisor.
+        """
         current_cell.set(self)
+        outcome: Outcome | None = None
         try:
             try:
                 await self._start_instance(instance, None)
             except Exception as exc:
-                task_status.started(exc)
-                return
-            task_status.started(None)
-            outcome: Outcome | None = None
+                if task_status is not anyio.TASK_STATUS_IGNORED:
+                    task_status.started(exc)
+                    return
+                outcome = Outcome(OutcomeKind.CRASH, exc)
+                logger.error(
+                    "actor %r failed to start: %r", self.name, exc, extra={"actor": self.name}
+                )
+            else:
+                task_status.started(None)
             while True:
                 if self.instance is not None:
                     outcome = await self._message_loop()
@@ -466,26 +503,22 @@ class Cell:
                     engine._cell_idle()
                     wakeup = self.wakeup = anyio.Event()
                     await wakeup.wait()
-                    self.idle = False
-                    engine._busy += 1
                     continue
+                self.current = item
                 if type(item) is _Ask:
                     try:
                         result = await receive(item.message)
                     except Exception as exc:
+                        self.current = None
                         return self._failed(item, 0, exc)
-                    except BaseException:
-                        self.current = item
-                        raise
                     item.set_result(result)
                 else:
                     try:
                         await receive(item)
                     except Exception as exc:
+                        self.current = None
                         return self._failed(item, 0, exc)
-                    except BaseException:
-                        self.current = item
-                        raise
+                self.current = None
                 self.processed += 1
                 batch += 1
                 if batch >= _BATCH:
@@ -500,14 +533,13 @@ class Cell:
     ) -> Outcome | None:
         """Hand a failed message to the fresh instance; None when it succeeded."""
         ask = item if type(item) is _Ask else None
+        self.current, self.retry = item, None
         try:
             result = await receive(ask.message if ask is not None else item)
         except Exception as exc:
+            self.current = None
             return self._failed(item, attempts, exc)
-        except BaseException:
-            self.current, self.retry = item, None
-            raise
-        self.retry = None
+        self.current = None
         self.processed += 1
         if ask is not None:
             ask.set_result(result)

@@ -7,20 +7,41 @@ import os
 import random
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from . import catalog, events, tenancy
-from ._actor import Actor, ActorRef, Cell
+from ._actor import Actor, ActorRef, Cell, current_cell
+from ._backpressure import (
+    BackpressureConfig,
+    BackpressureController,
+    BackpressureError,
+    BackpressureMetrics,
+)
 from ._deadletters import DeadLetter, DeadLetters
 from ._errors import ActorStopped, EngineError
-from ._supervision import Supervisor, SupervisorRef
-from ._types import ActorStatistics, Backoff, Overflow, Restart, Strategy, check_int, check_timeout
+from ._events import Event
+from ._supervision import Supervisor, SupervisorRef, check_name
+from ._types import (
+    ActorStatistics,
+    Backoff,
+    Overflow,
+    Restart,
+    Strategy,
+    check_enum,
+    check_int,
+    check_timeout,
+)
+
+if TYPE_CHECKING:
+    from actors._dispatcher import Router, Subscription, SubscriptionRef
 
 __all__ = ["Engine", "EngineMetrics"]
+
+DISPATCHER = "actorbus.dispatcher"
 
 logger = logging.getLogger("actorbus.engine")
 
@@ -36,12 +57,30 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Dead letters stored now."""
     dead_letters_total: int
     """Dead letters recorded since the engine started (including evicted ones)."""
+    backpressure: BackpressureMetrics
+    """The in-flight event budget: depth, peak, state, accepted, rejected, transitions."""
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
     return [error]
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error to raise out of ``async with Engine()``.
+
+    An interrupt (KeyboardInterrupt, SystemExit) wins over what it caused
+    (asks failing with ActorStopped); one error is raised as itself; several
+    unrelated ones stay a group.
+    """
+    leaves = _leaves(group)
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt | SystemExit):
+            return leaf
+    if len(leaves) == 1:
+        return leaves[0]
+    return group
 
 
 class Engine:
@@ -64,6 +103,7 @@ class Engine:
         self,
         database: str | os.PathLike[str] | None = None,
         *,
+        backpressure: BackpressureConfig | None = None,
         shutdown_timeout: float = 10.0,
         durability: Literal["full", "normal"] = "full",
         dead_letter_limit: int = 10_000,
@@ -79,6 +119,19 @@ class Engine:
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
         check_int(dead_letter_limit, "dead_letter_limit", 1)
+        if backpressure is None:
+            backpressure = BackpressureConfig()
+        elif not isinstance(backpressure, BackpressureConfig):
+            raise TypeError(
+                f"backpressure must be a BackpressureConfig, got {type(backpressure).__name__}"
+            )
+        self.backpressure = backpressure
+        self._controller = BackpressureController(backpressure)
+        from actors._dispatcher import Router  # engine wires the built-in actors here only
+
+        self._router: Router = Router()
+        self._pending_subscriptions: list[Subscription] = []
+        self._dispatcher: Cell | None = None
         self.database = database
         self.shutdown_timeout = float(shutdown_timeout)
         self.durability = durability
@@ -101,8 +154,11 @@ class Engine:
         if self._running or self._closing:
             raise EngineError("an Engine can be entered only once")
         self._drained = anyio.Event()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
+        self._host_done = anyio.Event()
+        outer = anyio.create_task_group()
+        await outer.__aenter__()
+        self._outer = outer
+        tg: TaskGroup = await outer.start(self._host, name="actorbus engine")
         self._tg = tg
         self._root = Supervisor(
             self,
@@ -116,7 +172,38 @@ class Engine:
         tg.start_soon(self._root.run, name="actorbus root supervisor")
         self._running = True
         self._accepting = True
+        try:
+            await self._start_dispatcher()
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
+
+    async def _host(self, *, task_status: TaskStatus[TaskGroup]) -> None:
+        # Actors live in a task group shielded from the caller's cancel scopes:
+        # when the caller is cancelled, leaving the engine stops them in order
+        # (on_stop in reverse start order) instead of each dying where it stood.
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as inner:
+                task_status.started(inner)
+                await self._host_done.wait()
+                inner.cancel_scope.cancel()
+
+    async def _start_dispatcher(self) -> None:
+        from actors._dispatcher import Dispatcher
+
+        assert self._root is not None
+        router = self._router
+        ref = await self._root.spawn(
+            lambda: Dispatcher(router),
+            name=DISPATCHER,
+            capacity=self.backpressure.max_depth,
+            max_attempts=1,
+        )
+        self._dispatcher = ref._cell
+        pending, self._pending_subscriptions = self._pending_subscriptions, []
+        for subscription in pending:
+            self._start_subscription(subscription)
 
     async def __aexit__(
         self,
@@ -124,30 +211,23 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        tg = self._tg
-        assert tg is not None
         error = exc
         try:
-            # With an error in flight the drain is skipped, but actors still get
-            # on_stop; the shield keeps a pending cancellation from cutting that short.
-            with anyio.CancelScope(shield=exc is not None):
-                await self._shutdown(drain=exc is None)
+            await self._shutdown(drain=exc is None)
         except BaseException as shutdown_error:  # handed to the task group below
             error = shutdown_error
         finally:
             self._running = False
-            tg.cancel_scope.cancel()
+            self._host_done.set()
         try:
-            suppressed = await tg.__aexit__(
+            suppressed = await self._outer.__aexit__(
                 type(error) if error else None, error, error.__traceback__ if error else None
             )
         except BaseExceptionGroup as group:
-            # One failure is raised as itself (a SupervisorEscalation, the
-            # body's own error), not wrapped in a group of one.
-            leaves = _leaves(group)
-            if len(leaves) == 1:
-                raise leaves[0] from leaves[0].__cause__
-            raise
+            single = _single(group)
+            if single is group:
+                raise
+            raise single from single.__cause__
         if error is not None and error is not exc and not suppressed:
             raise error
         return suppressed
@@ -160,21 +240,26 @@ class Engine:
         for target in self._names.values():
             if isinstance(target, Cell):
                 target.open = False
-        timed_out = False
-        if drain and self._busy:
-            self._draining = True
-            with anyio.move_on_after(self.shutdown_timeout):
-                await self._drained.wait()
+        cut_short = not drain
+        try:
+            if drain and self._busy:
+                self._draining = True
+                cut_short = True  # until the drain ends on its own
+                with anyio.move_on_after(self.shutdown_timeout):
+                    await self._drained.wait()
+                cut_short = self._busy > 0
+                if cut_short:
+                    logger.warning(
+                        "shutdown: %d messages still in flight after %.1f s; dead-lettering them",
+                        self._in_flight(),
+                        self.shutdown_timeout,
+                    )
+        finally:
             self._draining = False
-            timed_out = self._busy > 0
-            if timed_out:
-                logger.warning(
-                    "shutdown: %d messages still in flight after %.1f s; dead-lettering them",
-                    self._in_flight(),
-                    self.shutdown_timeout,
-                )
-        with anyio.move_on_after(self.shutdown_timeout):
-            await root.terminate("shutdown", cancel_current=timed_out or not drain)
+            # Shielded and bounded: even a cancelled caller gets its actors'
+            # on_stop, in reverse start order, within shutdown_timeout.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout):
+                await root.terminate("shutdown", cancel_current=cut_short)
 
     # ------------------------------------------------------------- internals
 
@@ -210,6 +295,14 @@ class Engine:
         return sum(t.in_flight() for t in self._names.values() if isinstance(t, Cell))
 
     async def _redeliver(self, letter: DeadLetter) -> None:
+        subscription = self._router.subscriptions.get(letter.actor)
+        if subscription is not None and isinstance(letter.message, Event):
+            from actors._dispatcher import Delivery
+
+            self._check_publishing()
+            await self._controller.acquire(None)
+            self._dispatch(Delivery(letter.message, self._controller, subscription))
+            return
         target = self._names.get(letter.actor)
         if not isinstance(target, Cell):
             raise ActorStopped(f"cannot replay dead letter {letter.id}: no actor {letter.actor!r}")
@@ -286,4 +379,153 @@ class Engine:
             in_flight=self._in_flight(),
             dead_letters=self.dead_letters.count(),
             dead_letters_total=self.dead_letters.total,
+            backpressure=self._controller.metrics(),
         )
+
+    # ------------------------------------------------------------- events
+
+    def subscribe(
+        self,
+        *event_types: type[Event],
+        handler: Callable[[Any], Any],
+        name: str,
+        capacity: int = 1000,
+        partitions: int = 1,
+        key: Callable[[Any], object] | None = None,
+        overflow: Overflow = Overflow.BLOCK,
+        max_attempts: int = 3,
+    ) -> SubscriptionRef:
+        """Deliver every published event of ``event_types`` (subclasses included) to ``handler``.
+
+        ``handler`` is an async function ``async def handle(event) -> None``
+        (stateless: a failing call is retried with backoff up to
+        ``max_attempts``, then dead-lettered) or an Actor factory whose
+        ``receive(event)`` handles it (failures restart the actor, as for any
+        actor). ``partitions=N`` runs N handler actors; ``key(event)`` picks
+        one by a stable hash (same key, same actor, so order per key holds;
+        without ``key`` the event id spreads them). Callable before the
+        engine starts: the subscription then begins with it.
+        """
+        from actors._dispatcher import Subscription
+
+        if not event_types:
+            raise ValueError("subscribe needs at least one event type (Event receives all)")
+        for event_type in event_types:
+            if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+                raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
+        if not callable(handler):
+            raise TypeError(
+                f"handler must be an async function or an Actor factory, got {handler!r}"
+            )
+        check_name(name)
+        check_int(capacity, "capacity", 1)
+        check_int(partitions, "partitions", 1)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a callable of the event or None, got {key!r}")
+        check_enum(overflow, Overflow, "overflow")
+        check_int(max_attempts, "max_attempts", 1)
+        if self._closing:
+            self._refuse()
+        if name in self._router.subscriptions:
+            raise ValueError(f"a subscription named {name!r} already exists")
+        subscription = Subscription(
+            self,
+            tuple(event_types),
+            handler,
+            name=name,
+            capacity=capacity,
+            partitions=partitions,
+            key=key,
+            overflow=overflow,
+            max_attempts=max_attempts,
+            backoff=Backoff(),
+        )
+        for taken in [_supervisor_name(name), *subscription.partition_names()]:
+            self._check_name_free(taken)
+        if self._running:
+            self._start_subscription(subscription)
+        else:
+            self._pending_subscriptions.append(subscription)
+        self._router.add(subscription)
+        return subscription.ref
+
+    def _start_subscription(self, subscription: Subscription) -> None:
+        assert self._root is not None
+        supervisor = self._root.add_supervisor(
+            _supervisor_name(subscription.name),
+            strategy=Strategy.ONE_FOR_ONE,
+            max_restarts=3,
+            within=5.0,
+            backoff=Backoff(),
+        )
+        factory = subscription.factory()
+        for partition in subscription.partition_names():
+            cell, instance = supervisor.add_cell(
+                factory,
+                name=partition,
+                capacity=subscription.capacity,
+                overflow=subscription.overflow,
+                restart=Restart.PERMANENT,
+                max_attempts=subscription.max_attempts,
+            )
+            cell.dead_letter_name = subscription.name
+            subscription.cells.append(cell)
+            self._task_group.start_soon(cell.run, instance, name=f"subscriber {partition}")
+
+    def _check_event(self, event: object) -> Event:
+        if not isinstance(event, Event):
+            raise TypeError(f"publish takes an Event, got {type(event).__name__}")
+        event.validate()
+        return event
+
+    def _check_publishing(self) -> None:
+        if not self._accepting and (not self._running or current_cell.get() is None):
+            self._refuse()
+
+    def _dispatch(self, delivery: Any) -> None:
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        try:
+            accepted = dispatcher.offer(delivery)
+        except BaseException:
+            self._controller.release()
+            raise
+        if not accepted:  # depth >= the dispatcher's queue, so this means a bug
+            self._controller.release()
+            raise BackpressureError("the dispatcher mailbox is full")
+
+    async def publish(self, event: Event, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Validate ``event`` and hand it to the dispatcher, waiting while CRITICAL.
+
+        Raises ``EventValidationError`` for an invalid event (never
+        dispatched) and ``BackpressureError`` when ``timeout`` runs out.
+        """
+        check_timeout(timeout, "timeout")
+        self._check_event(event)
+        self._check_publishing()
+        from actors._dispatcher import Delivery
+
+        await self._controller.acquire(timeout)
+        self._dispatch(Delivery(event, self._controller))
+
+    def try_publish(self, event: Event) -> None:
+        """Validate ``event`` and hand it to the dispatcher without waiting.
+
+        Raises ``BackpressureError`` while the engine is CRITICAL.
+        """
+        self._check_event(event)
+        self._check_publishing()
+        controller = self._controller
+        if not controller.try_acquire():
+            controller.reject()
+            raise BackpressureError(
+                f"engine is CRITICAL: {controller.depth} of {self.backpressure.max_depth} "
+                "events in flight"
+            )
+        from actors._dispatcher import Delivery
+
+        self._dispatch(Delivery(event, controller))
+
+
+def _supervisor_name(subscription: str) -> str:
+    return f"subscription:{subscription}"

@@ -246,11 +246,35 @@ class Supervisor:
         check_int(max_attempts, "max_attempts", 1)
         engine = self.engine
         engine._check_accepting()
+        cell, instance = self.add_cell(
+            factory,
+            name=name,
+            capacity=capacity,
+            overflow=overflow,
+            restart=restart,
+            max_attempts=max_attempts,
+        )
+        error = await engine._task_group.start(cell.run, instance, name=f"actor {name}")
+        if error is not None:
+            raise error
+        return cell.ref
+
+    def add_cell(
+        self,
+        factory: Callable[[], Actor],
+        *,
+        name: str,
+        capacity: int,
+        overflow: Overflow,
+        restart: Restart,
+        max_attempts: int,
+    ) -> tuple[Cell, Actor]:
+        """Register a child cell and make its first instance; the caller starts its task."""
         self._check_running()
-        engine._check_name_free(name)
+        self.engine._check_name_free(name)
         instance = factory()
         cell = Cell(
-            engine,
+            self.engine,
             self,
             factory,
             name=name,
@@ -261,12 +285,9 @@ class Supervisor:
         )
         # Registered before the task starts so a failure during on_start is
         # reported to a supervisor that knows the child; run() unregisters it.
-        engine._names[name] = cell
+        self.engine._names[name] = cell
         self.children[cell] = None
-        error = await engine._task_group.start(cell.run, instance, name=f"actor {name}")
-        if error is not None:
-            raise error
-        return cell.ref
+        return cell, instance
 
     async def supervisor(
         self,
@@ -285,8 +306,21 @@ class Supervisor:
             backoff = Backoff()
         elif not isinstance(backoff, Backoff):
             raise TypeError(f"backoff must be a Backoff, got {type(backoff).__name__}")
+        self.engine._check_accepting()
+        return self.add_supervisor(
+            name, strategy=strategy, max_restarts=max_restarts, within=within, backoff=backoff
+        ).ref
+
+    def add_supervisor(
+        self,
+        name: str,
+        *,
+        strategy: Strategy,
+        max_restarts: int,
+        within: float,
+        backoff: Backoff,
+    ) -> Supervisor:
         engine = self.engine
-        engine._check_accepting()
         self._check_running()
         engine._check_name_free(name)
         child = Supervisor(
@@ -301,7 +335,7 @@ class Supervisor:
         engine._names[name] = child
         self.children[child] = None
         engine._task_group.start_soon(child.run, name=f"supervisor {name}")
-        return child.ref
+        return child
 
     def _check_running(self) -> None:
         if self.stopped:

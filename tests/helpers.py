@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 
-from engine import Actor
+from engine import Actor, ActorStatistics, Engine
 
 
 class Recorder(Actor):
@@ -57,3 +57,12 @@ class Poison(Actor):
             raise ValueError("cannot digest")
         self.journal.append(f"{self.name}:got:{message}")
         return message
+
+
+def user_actors(engine: Engine) -> dict[str, ActorStatistics]:
+    """The application's actors: every actor but the engine's own (``actorbus.*``)."""
+    return {
+        name: stats
+        for name, stats in engine.metrics().actors.items()
+        if not name.startswith("actorbus.")
+    }

@@ -19,7 +19,7 @@ from engine import (
     Overflow,
     Restart,
 )
-from tests.helpers import Gate, Recorder
+from tests.helpers import Gate, Recorder, user_actors
 
 pytestmark = pytest.mark.anyio
 
@@ -276,7 +276,7 @@ async def test_statistics_track_depth_peak_and_counts() -> None:
         await ref.ask("sync")
         stats = ref.statistics()
         assert (stats.depth, stats.peak_depth, stats.processed, stats.failed) == (0, 6, 7, 0)
-        assert engine.metrics().actors["g"] == stats
+        assert user_actors(engine)["g"] == stats
         assert engine.metrics().in_flight == 0
 
 
@@ -382,11 +382,11 @@ async def test_ten_thousand_actors_spawn_and_stop_with_nothing_left_running() ->
         refs = [await engine.spawn(Recorder, name=f"a{i}", capacity=1) for i in range(10_000)]
         for ref in refs:
             ref.try_tell("hi")
-        assert len(engine.metrics().actors) == 10_000
+        assert len(user_actors(engine)) == 10_000
         for ref in refs[:5_000]:
             await ref.stop()
-        assert len(engine.metrics().actors) == 5_000
-    assert engine.metrics().actors == {}
+        assert len(user_actors(engine)) == 5_000
+    assert user_actors(engine) == {}
     assert engine.metrics().in_flight == 0
     assert all(r.statistics().state is ActorState.STOPPED for r in refs)
     assert engine.dead_letters.count() <= 10_000
@@ -415,7 +415,7 @@ async def test_spawn_raises_the_first_on_start_error_and_registers_nothing() -> 
     async with Engine() as engine:
         with pytest.raises(RuntimeError, match="no database"):
             await engine.spawn(Fails, name="f")
-        assert "f" not in engine.metrics().actors
+        assert "f" not in user_actors(engine)
         await engine.spawn(Recorder, name="f")
 
 
@@ -428,7 +428,7 @@ async def test_factory_errors_surface_at_spawn() -> None:
             await engine.spawn(broken, name="b")
         with pytest.raises(TypeError, match="must return an Actor, got int"):
             await engine.spawn(lambda: 42, name="n")  # type: ignore[arg-type,return-value]
-        assert engine.metrics().actors == {}
+        assert user_actors(engine) == {}
 
 
 async def test_actor_ref_outside_an_engine() -> None:

@@ -18,7 +18,7 @@ from engine import (
     Strategy,
     SupervisorEscalation,
 )
-from tests.helpers import Poison
+from tests.helpers import Poison, user_actors
 
 pytestmark = pytest.mark.anyio
 
@@ -272,7 +272,7 @@ async def test_stopping_a_supervisor_stops_its_children_in_reverse_order() -> No
         for n in ("a", "b", "c"):
             await sup.spawn(functools.partial(Poison, journal, n), name=n)
         await sup.stop()
-        assert engine.metrics().actors == {}
+        assert user_actors(engine) == {}
         with pytest.raises(ActorStopped):
             await sup.spawn(lambda: Poison(journal), name="late")
         # Its name is free again.

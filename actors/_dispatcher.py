@@ -1,0 +1,315 @@
+"""The dispatcher actor, subscriptions and their handler actors."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import anyio
+
+from engine._actor import Actor, ActorRef, Cell, Tracked
+from engine._backpressure import BackpressureController
+from engine._deadletters import DeadLetterReason
+from engine._errors import ActorStopped, MailboxFull
+from engine._events import Event
+from engine._types import ActorStatistics, Backoff, Overflow
+
+if TYPE_CHECKING:
+    from engine._engine import Engine
+
+__all__ = ["Delivery", "Dispatcher", "Router", "Subscription", "SubscriptionRef"]
+
+logger = logging.getLogger("actorbus.dispatcher")
+
+EventHandler = Callable[[Any], Awaitable[None]]
+
+
+def stable_hash(key: object) -> int:
+    """A hash that is the same in every process (``hash(str)`` is salted per process)."""
+    if isinstance(key, bool):
+        return int(key)
+    if isinstance(key, int):
+        return key
+    if isinstance(key, UUID):
+        return key.int
+    if isinstance(key, str):
+        return zlib.crc32(key.encode("utf-8", "surrogatepass"))
+    if isinstance(key, bytes):
+        return zlib.crc32(key)
+    return zlib.crc32(repr(key).encode("utf-8", "backslashreplace"))
+
+
+class Delivery(Tracked):
+    """One published event on its way to every matching subscription.
+
+    It holds one backpressure slot, released when the last subscription
+    finished it or dead-lettered it — exactly once on every path.
+    """
+
+    __slots__ = ("controller", "event", "remaining", "subscription")
+
+    def __init__(
+        self,
+        event: Event,
+        controller: BackpressureController,
+        subscription: Subscription | None = None,
+    ) -> None:
+        self.event = event
+        self.controller = controller
+        self.remaining = 1
+        # Set for a replay: only this subscription gets it.
+        self.subscription = subscription
+
+    def done(self) -> None:
+        self.remaining -= 1
+        if not self.remaining:
+            self.controller.release()
+
+    def dead_letter(
+        self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
+    ) -> None:
+        cell.engine.dead_letters.add(
+            cell.dead_letter_name, self.event, reason, error=error, attempts=attempts
+        )
+        self.done()
+
+
+class Subscription:
+    """A named subscription: its event types, its partition actors, its policy."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        event_types: tuple[type[Event], ...],
+        handler: EventHandler | Callable[[], Actor],
+        *,
+        name: str,
+        capacity: int,
+        partitions: int,
+        key: Callable[[Any], object] | None,
+        overflow: Overflow,
+        max_attempts: int,
+        backoff: Backoff,
+    ) -> None:
+        self.engine = engine
+        self.event_types = event_types
+        self.handler = handler
+        self.name = name
+        self.capacity = capacity
+        self.key = key
+        self.overflow = overflow
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.is_function = is_async_function(handler)
+        self.cells: list[Cell] = []
+        self.partition_count = partitions
+        self.ref = SubscriptionRef(self)
+
+    def matches(self, event_type: type) -> bool:
+        return issubclass(event_type, self.event_types)
+
+    def partition_names(self) -> list[str]:
+        if self.partition_count == 1:
+            return [self.name]
+        return [f"{self.name}#{i}" for i in range(self.partition_count)]
+
+    def factory(self) -> Callable[[], Actor]:
+        if self.is_function:
+            handler = self.handler
+            return lambda: FunctionSubscriber(self, handler)  # type: ignore[arg-type]
+        factory = self.handler
+        return lambda: ActorSubscriber(factory)  # type: ignore[arg-type]
+
+    def pick(self, event: Event) -> Cell:
+        cells = self.cells
+        if len(cells) == 1:
+            return cells[0]
+        key = self.key(event) if self.key is not None else event.id
+        return cells[stable_hash(key) % len(cells)]
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` to the right partition; failures become dead letters."""
+        try:
+            cell = self.pick(delivery.event)
+        except Exception as exc:
+            # The key function raised: this subscription cannot place the event.
+            self.engine.dead_letters.add(self.name, delivery.event, "failed", error=exc)
+            delivery.done()
+            return
+        try:
+            if not cell.offer(delivery):
+                await cell.put(delivery)
+        except MailboxFull as exc:
+            self.engine.dead_letters.add(self.name, delivery.event, "dropped", error=exc)
+            delivery.done()
+        except ActorStopped as exc:
+            reason: DeadLetterReason = "shutdown" if self.engine._closing else "stopped"
+            self.engine.dead_letters.add(self.name, delivery.event, reason, error=exc)
+            delivery.done()
+
+
+class SubscriptionRef:
+    """Handle to a subscription: its name, partition refs and statistics."""
+
+    __slots__ = ("_subscription",)
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+
+    @property
+    def name(self) -> str:
+        return self._subscription.name
+
+    @property
+    def event_types(self) -> tuple[type[Event], ...]:
+        return self._subscription.event_types
+
+    @property
+    def partitions(self) -> list[ActorRef[Any]]:
+        """The handler actors, one per partition."""
+        return [cell.ref for cell in self._subscription.cells]
+
+    def statistics(self) -> list[ActorStatistics]:
+        return [cell.statistics() for cell in self._subscription.cells]
+
+    def __repr__(self) -> str:
+        types = ", ".join(t.__name__ for t in self.event_types)
+        return f"<SubscriptionRef {self.name!r} ({types}) x{len(self._subscription.cells)}>"
+
+
+def is_async_function(handler: object) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
+    )
+
+
+class FunctionSubscriber(Actor):
+    """Runs a stateless async handler.
+
+    A failing call is retried with backoff, then dead-lettered: no restart is needed.
+    """
+
+    def __init__(self, subscription: Subscription, handler: EventHandler) -> None:
+        self.subscription = subscription
+        self.handler = handler
+
+    async def receive(self, message: Delivery) -> None:
+        event = message.event
+        try:
+            await self.handler(event)
+        except Exception as exc:
+            await self._retry(message, exc)
+            return
+        message.done()
+
+    async def _retry(self, delivery: Delivery, error: Exception) -> None:
+        sub = self.subscription
+        attempts = 1
+        while attempts < sub.max_attempts:
+            await anyio.sleep(sub.backoff.delay(attempts, sub.engine._rng))
+            attempts += 1
+            try:
+                await self.handler(delivery.event)
+            except Exception as exc:
+                error = exc
+                continue
+            delivery.done()
+            return
+        cell = self._actorbus_cell
+        assert cell is not None
+        cell.failed += attempts
+        delivery.dead_letter(cell, "failed", error, attempts)
+
+
+class ActorSubscriber(Actor):
+    """Wraps a user's Actor so that it receives the event and its delivery is tracked."""
+
+    def __init__(self, factory: Callable[[], Actor]) -> None:
+        inner = factory()
+        if not isinstance(inner, Actor):
+            raise TypeError(
+                f"subscription handler factory must return an Actor, got {type(inner).__name__}"
+            )
+        self.inner = inner
+
+    async def on_start(self) -> None:
+        self.inner._actorbus_cell = self._actorbus_cell
+        await self.inner.on_start()
+
+    async def on_stop(self) -> None:
+        await self.inner.on_stop()
+
+    async def on_restart(self, error: BaseException) -> None:
+        self.inner._actorbus_cell = self._actorbus_cell
+        await self.inner.on_restart(error)
+
+    async def receive(self, message: Delivery) -> Any:
+        result = await self.inner.receive(message.event)
+        message.done()
+        return result
+
+
+class Router:
+    """Which subscriptions take which event type; cached per concrete type."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, Subscription] = {}
+        self._routes: dict[type, tuple[Subscription, ...]] = {}
+
+    def add(self, subscription: Subscription) -> None:
+        self.subscriptions[subscription.name] = subscription
+        self._routes.clear()
+
+    def remove(self, subscription: Subscription) -> None:
+        self.subscriptions.pop(subscription.name, None)
+        self._routes.clear()
+
+    def route(self, event_type: type) -> tuple[Subscription, ...]:
+        try:
+            return self._routes[event_type]
+        except KeyError:
+            routes = tuple(s for s in self.subscriptions.values() if s.matches(event_type))
+            self._routes[event_type] = routes
+            return routes
+
+
+class Dispatcher(Actor):
+    """The single entry for events: routes each to every matching subscription.
+
+    Delivery into a partition's mailbox takes the non-waiting path; only a
+    full BLOCK mailbox makes the dispatcher wait, which holds the depth up and
+    so slows publishers (backpressure) without reordering anything.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def receive(self, message: Delivery) -> None:
+        target = message.subscription
+        if target is not None:
+            await target.deliver(message)
+            return
+        event = message.event
+        subscriptions = self.router.route(type(event))
+        if not subscriptions:
+            message.done()
+            return
+        message.remaining = len(subscriptions)
+        for subscription in subscriptions:
+            cells = subscription.cells
+            if len(cells) == 1:
+                cell = cells[0]
+                queue = cell.queue
+                # The common case inline: one partition with room.
+                if cell.open and len(queue) < cell.capacity:
+                    queue.append(message)
+                    if len(queue) > cell.peak:
+                        cell.peak = len(queue)
+                    if cell.wakeup is not None:
+                        cell.wake()
+                    continue
+            await subscription.deliver(message)

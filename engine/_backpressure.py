@@ -1,0 +1,191 @@
+"""Backpressure: one in-flight budget governs what every publisher sees."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+
+import anyio
+import msgspec
+
+from ._errors import EngineError
+
+__all__ = [
+    "BackpressureConfig",
+    "BackpressureController",
+    "BackpressureError",
+    "BackpressureMetrics",
+    "BackpressureState",
+]
+
+logger = logging.getLogger("actorbus.backpressure")
+
+
+class BackpressureError(EngineError):
+    """The engine is CRITICAL: ``try_publish`` refused, or ``publish`` timed out waiting."""
+
+
+class BackpressureState(enum.Enum):
+    NORMAL = "normal"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class BackpressureConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The in-flight budget and its thresholds.
+
+    WARNING from ``depth >= int(max_depth * warning)``, CRITICAL from
+    ``depth >= int(max_depth * critical)``; a state is left only once the
+    depth falls ``int(max_depth * hysteresis)`` below its threshold, so the
+    state does not flap around a threshold.
+    """
+
+    max_depth: int = 10_000
+    warning: float = 0.7
+    critical: float = 0.9
+    hysteresis: float = 0.05
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_depth, bool) or not isinstance(self.max_depth, int):
+            raise TypeError(f"max_depth must be an int, got {self.max_depth!r}")
+        if self.max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
+        for field in ("warning", "critical", "hysteresis"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{field} must be a fraction, got {value!r}")
+            if not math.isfinite(value) or not 0 <= value <= 1:
+                raise ValueError(f"{field} must be between 0 and 1, got {value!r}")
+        if not 0 < self.warning <= self.critical:
+            raise ValueError(
+                f"need 0 < warning <= critical, got warning={self.warning!r}, "
+                f"critical={self.critical!r}"
+            )
+        if int(self.max_depth * self.critical) < 1:
+            raise ValueError(
+                f"critical threshold int(max_depth * critical) must be >= 1, got "
+                f"int({self.max_depth} * {self.critical}) = 0"
+            )
+
+    @property
+    def warning_depth(self) -> int:
+        return int(self.max_depth * self.warning)
+
+    @property
+    def critical_depth(self) -> int:
+        return int(self.max_depth * self.critical)
+
+    @property
+    def margin(self) -> int:
+        return int(self.max_depth * self.hysteresis)
+
+
+class BackpressureMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    depth: int
+    """Events accepted and not yet finished by every matching subscription."""
+    peak_depth: int
+    state: BackpressureState
+    accepted: int
+    rejected: int
+    """``try_publish`` refusals and ``publish`` timeouts."""
+    transitions: int
+
+
+class BackpressureController:
+    """Counts in-flight events and moves NORMAL / WARNING / CRITICAL with hysteresis."""
+
+    def __init__(self, config: BackpressureConfig) -> None:
+        self.config = config
+        self._warning_at = config.warning_depth
+        self._critical_at = config.critical_depth
+        self._margin = config.margin
+        self.depth = 0
+        self.peak_depth = 0
+        self.state = BackpressureState.NORMAL
+        self.accepted = 0
+        self.rejected = 0
+        self.transitions = 0
+        self._relieved: anyio.Event | None = None
+
+    def try_acquire(self) -> bool:
+        """Take a slot unless CRITICAL."""
+        if self.state is BackpressureState.CRITICAL:
+            return False
+        depth = self.depth = self.depth + 1
+        self.accepted += 1
+        if depth > self.peak_depth:
+            self.peak_depth = depth
+        if depth >= self._warning_at:
+            self._rise(depth)
+        return True
+
+    async def acquire(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Take a slot, waiting while CRITICAL; ``BackpressureError`` after ``timeout``."""
+        if self.try_acquire():
+            return
+        with anyio.move_on_after(timeout if timeout is not None else math.inf):
+            while True:
+                if self._relieved is None:
+                    self._relieved = anyio.Event()
+                await self._relieved.wait()
+                if self.try_acquire():
+                    return
+        self.rejected += 1
+        raise BackpressureError(
+            f"engine stayed CRITICAL ({self.depth} of {self.config.max_depth} in flight) "
+            f"for {timeout} s"
+        )
+
+    def reject(self) -> None:
+        self.rejected += 1
+
+    def release(self) -> None:
+        depth = self.depth = self.depth - 1
+        if self.state is not BackpressureState.NORMAL:
+            self._fall(depth)
+
+    def _rise(self, depth: int) -> None:
+        if depth >= self._critical_at:
+            target = BackpressureState.CRITICAL
+        else:
+            target = BackpressureState.WARNING
+        if target is not self.state and (
+            target is BackpressureState.CRITICAL or self.state is BackpressureState.NORMAL
+        ):
+            self._move(target)
+
+    def _fall(self, depth: int) -> None:
+        state = self.state
+        if state is BackpressureState.CRITICAL and depth <= self._critical_at - self._margin:
+            state = BackpressureState.WARNING
+        if state is BackpressureState.WARNING and depth <= self._warning_at - self._margin:
+            state = BackpressureState.NORMAL
+        if state is not self.state:
+            self._move(state)
+
+    def _move(self, state: BackpressureState) -> None:
+        old, self.state = self.state, state
+        self.transitions += 1
+        log = logger.warning if state is BackpressureState.CRITICAL else logger.info
+        log(
+            "backpressure %s -> %s at depth %d of %d",
+            old.value,
+            state.value,
+            self.depth,
+            self.config.max_depth,
+            extra={"state": state.value, "depth": self.depth},
+        )
+        if old is BackpressureState.CRITICAL and self._relieved is not None:
+            self._relieved.set()
+            self._relieved = None
+
+    def metrics(self) -> BackpressureMetrics:
+        return BackpressureMetrics(
+            depth=self.depth,
+            peak_depth=self.peak_depth,
+            state=self.state,
+            accepted=self.accepted,
+            rejected=self.rejected,
+            transitions=self.transitions,
+        )
