@@ -127,9 +127,11 @@ class Engine:
             )
         self.backpressure = backpressure
         self._controller = BackpressureController(backpressure)
-        from actors._dispatcher import Router  # engine wires the built-in actors here only
+        # The engine wires the built-in actors here only (actors imports engine).
+        from actors._dispatcher import Delivery, Router
 
         self._router: Router = Router()
+        self._delivery = Delivery
         self._pending_subscriptions: list[Subscription] = []
         self._dispatcher: Cell | None = None
         self.database = database
@@ -297,11 +299,9 @@ class Engine:
     async def _redeliver(self, letter: DeadLetter) -> None:
         subscription = self._router.subscriptions.get(letter.actor)
         if subscription is not None and isinstance(letter.message, Event):
-            from actors._dispatcher import Delivery
-
             self._check_publishing()
             await self._controller.acquire(None)
-            self._dispatch(Delivery(letter.message, self._controller, subscription))
+            self._dispatch(self._delivery(letter.message, self._controller, subscription))
             return
         target = self._names.get(letter.actor)
         if not isinstance(target, Cell):
@@ -500,13 +500,14 @@ class Engine:
         Raises ``EventValidationError`` for an invalid event (never
         dispatched) and ``BackpressureError`` when ``timeout`` runs out.
         """
-        check_timeout(timeout, "timeout")
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
         self._check_event(event)
         self._check_publishing()
-        from actors._dispatcher import Delivery
-
-        await self._controller.acquire(timeout)
-        self._dispatch(Delivery(event, self._controller))
+        controller = self._controller
+        if not controller.try_acquire():
+            await controller.acquire(timeout)
+        self._dispatch(self._delivery(event, controller))
 
     def try_publish(self, event: Event) -> None:
         """Validate ``event`` and hand it to the dispatcher without waiting.
@@ -522,9 +523,7 @@ class Engine:
                 f"engine is CRITICAL: {controller.depth} of {self.backpressure.max_depth} "
                 "events in flight"
             )
-        from actors._dispatcher import Delivery
-
-        self._dispatch(Delivery(event, controller))
+        self._dispatch(self._delivery(event, controller))
 
 
 def _supervisor_name(subscription: str) -> str:
