@@ -140,6 +140,9 @@ class Subscription:
             self.engine.dead_letters.add(self.name, delivery.event, "failed", error=exc)
             delivery.done()
             return
+        await self.deliver_to(cell, delivery)
+
+    async def deliver_to(self, cell: Cell, delivery: Delivery) -> None:
         try:
             if not cell.offer(delivery):
                 await cell.put(delivery)
@@ -301,8 +304,16 @@ class Dispatcher(Actor):
         message.remaining = len(subscriptions)
         for subscription in subscriptions:
             cells = subscription.cells
-            if len(cells) == 1:
-                cell = cells[0]
+            if len(cells) == 1 or subscription.key is not None:
+                if len(cells) == 1:
+                    cell = cells[0]
+                else:
+                    try:
+                        key = subscription.key(event)  # type: ignore[misc]
+                    except Exception:
+                        await subscription.deliver(message)  # dead-letters the key's error
+                        continue
+                    cell = cells[stable_hash(key) % len(cells)]
                 queue = cell.queue
                 # The common case inline: one partition with room.
                 if cell.open and len(queue) < cell.capacity:
@@ -312,4 +323,6 @@ class Dispatcher(Actor):
                     if cell.wakeup is not None:
                         cell.wake()
                     continue
+                await subscription.deliver_to(cell, message)
+                continue
             await subscription.deliver(message)

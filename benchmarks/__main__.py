@@ -23,12 +23,13 @@ from ._harness import (
     format_figures,
     format_results,
     machine,
+    scenarios,
     versions,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
-# A child that runs this long is stuck, not slow: the full run takes about a minute.
+# A child that runs this long is stuck, not slow: the full run takes about 2.5 minutes.
 CHILD_TIMEOUT = 600.0
 
 
@@ -84,20 +85,19 @@ def _run_child(name: str, backend: str, n: int, repeats: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from .scenario_actors import SCENARIOS
-
+    registry = scenarios()
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     repeats = REPEATS[mode]
     backends = ("asyncio", "trio") if args.backend == "both" else (args.backend,)
     only: str | None = args.only
-    names = [name for name in SCENARIOS if only is None or only in name]
+    names = [name for name in registry if only is None or only in name]
     with_events = only is None or only in EVENTS
     if with_events and not events_available():
         with_events = False
         if only is not None:
             print("scenario 'events' is not available (no benchmarks/scenario_events.py)")
     if not names and not with_events:
-        print(f"no scenario matches {only!r}; known: {', '.join([*SCENARIOS, EVENTS])}")
+        print(f"no scenario matches {only!r}; known: {', '.join([*registry, EVENTS])}")
         return 2
 
     info = {"machine": machine(), "versions": versions()}
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     for name in names:
-        n = SCENARIOS[name].n[mode]
+        n = registry[name].n[mode]
         for backend in backends:
             print(f"running {name} on {backend} (N={n:,})...", file=sys.stderr, flush=True)
             results.append(_run_child(name, backend, n, repeats))

@@ -54,20 +54,33 @@ class Scenario:
     """``run(n, repeats)``: backend-independent, started with ``anyio.run``."""
     unit: str
     higher_is_better: bool
-    target: float
-    """The issue's target for ours / limit."""
+    target: float | None
+    """The issue's target for ours / limit; None where the issue sets none."""
     n: dict[str, int]
     """N per repetition for each mode: full, quick, smoke."""
 
     @property
     def target_text(self) -> str:
+        if self.target is None:
+            return "-"
         return f"{'>=' if self.higher_is_better else '<='} {self.target:g}"
 
-    def met(self, ratio: float) -> bool:
+    def met(self, ratio: float) -> bool | None:
+        """Whether ``ratio`` meets the target; None when there is no target."""
+        if self.target is None:
+            return None
         return ratio >= self.target if self.higher_is_better else ratio <= self.target
 
 
 REPEATS = {"full": 9, "quick": 3, "smoke": 2}
+
+
+def scenarios() -> dict[str, Scenario]:
+    """Every scenario with a raw comparison, in the order they run."""
+    from .scenario_actors import SCENARIOS as actors
+    from .scenario_dispatch import SCENARIOS as dispatch
+
+    return {**actors, **dispatch}
 
 
 # ---------------------------------------------------------------- statistics
@@ -142,9 +155,7 @@ def run_one(name: str, backend: str, n: int, repeats: int) -> dict[str, Any]:
 
     import anyio
 
-    from .scenario_actors import SCENARIOS
-
-    scenario = SCENARIOS[name]
+    scenario = scenarios()[name]
     measured = anyio.run(functools.partial(scenario.run, n, repeats), backend=backend)
     ratio = measured.ours / measured.limit
     return {
@@ -170,7 +181,11 @@ def run_one(name: str, backend: str, n: int, repeats: int) -> dict[str, Any]:
 
 
 def _number(value: float, unit: str) -> str:
-    return f"{value:,.0f}" if unit == "msgs/s" else f"{value:,.1f}"
+    return f"{value:,.0f}" if unit.endswith("/s") else f"{value:,.1f}"
+
+
+def _met(met: bool | None) -> str:
+    return "-" if met is None else "yes" if met else "NO"
 
 
 def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -202,9 +217,25 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
             rows.append((name, backend, "error", "", unit, "", "", "", result["error"]))
             continue
         extra = result["extra"]
+        # Figures behind the headline (one row each, no target) come before it.
+        for row in extra.get("rows", ()):
+            rows.append(
+                (
+                    row["label"],
+                    backend,
+                    _number(row["ours"], row["unit"]),
+                    _number(row["limit"], row["unit"]),
+                    row["unit"],
+                    f"{row['ours'] / row['limit']:.2f}",
+                    f"{row['pair_ratio_min']:.2f}-{row['pair_ratio_max']:.2f}",
+                    "-",
+                    "-",
+                )
+            )
+        label = extra.get("label", f"{name} (p50)" if "ours_p99" in extra else name)
         rows.append(
             (
-                f"{name} (p50)" if "ours_p99" in extra else name,
+                label,
                 backend,
                 _number(result["ours"], unit),
                 _number(result["limit"], unit),
@@ -212,7 +243,7 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
                 f"{result['ratio']:.2f}",
                 f"{extra['pair_ratio_min']:.2f}-{extra['pair_ratio_max']:.2f}",
                 result["target"],
-                "yes" if result["met"] else "NO",
+                _met(result["met"]),
             )
         )
         if "ours_p99" in extra:

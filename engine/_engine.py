@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
@@ -387,7 +388,7 @@ class Engine:
     def subscribe(
         self,
         *event_types: type[Event],
-        handler: Callable[[Any], Any],
+        handler: Callable[[Any], Awaitable[None]] | Callable[[], Actor],
         name: str,
         capacity: int = 1000,
         partitions: int = 1,
@@ -413,9 +414,12 @@ class Engine:
         for event_type in event_types:
             if not (isinstance(event_type, type) and issubclass(event_type, Event)):
                 raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
-        if not callable(handler):
+        from actors._dispatcher import is_async_function
+
+        if not callable(handler) or not (is_async_function(handler) or _is_actor_factory(handler)):
             raise TypeError(
-                f"handler must be an async function or an Actor factory, got {handler!r}"
+                "handler must be an async function `async def handle(event)` or an Actor "
+                f"factory callable with no arguments, got {handler!r}"
             )
         check_name(name)
         check_int(capacity, "capacity", 1)
@@ -459,18 +463,32 @@ class Engine:
             backoff=Backoff(),
         )
         factory = subscription.factory()
-        for partition in subscription.partition_names():
-            cell, instance = supervisor.add_cell(
-                factory,
-                name=partition,
-                capacity=subscription.capacity,
-                overflow=subscription.overflow,
-                restart=Restart.PERMANENT,
-                max_attempts=subscription.max_attempts,
-            )
+        started: list[tuple[Cell, Actor]] = []
+        try:
+            for partition in subscription.partition_names():
+                started.append(
+                    supervisor.add_cell(
+                        factory,
+                        name=partition,
+                        capacity=subscription.capacity,
+                        overflow=subscription.overflow,
+                        restart=Restart.PERMANENT,
+                        max_attempts=subscription.max_attempts,
+                    )
+                )
+        except BaseException:
+            # The handler's factory raised: leave nothing registered.
+            for cell, _ in started:
+                self._forget(cell)
+            self._forget(supervisor)
+            self._root.forget(supervisor)
+            supervisor.stopped = True
+            supervisor.wake.set()
+            raise
+        for cell, instance in started:
             cell.dead_letter_name = subscription.name
             subscription.cells.append(cell)
-            self._task_group.start_soon(cell.run, instance, name=f"subscriber {partition}")
+            self._task_group.start_soon(cell.run, instance, name=f"subscriber {cell.name}")
 
     def _check_event(self, event: object) -> Event:
         if not isinstance(event, Event):
@@ -524,6 +542,19 @@ class Engine:
                 "events in flight"
             )
         self._dispatch(self._delivery(event, controller))
+
+
+def _is_actor_factory(handler: object) -> bool:
+    """An Actor subclass, or a callable that takes no arguments (it builds an Actor)."""
+    if isinstance(handler, type):
+        return issubclass(handler, Actor)
+    try:
+        inspect.signature(handler).bind()  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    except ValueError:  # no signature (some builtins): let the call decide
+        return True
+    return True
 
 
 def _supervisor_name(subscription: str) -> str:
