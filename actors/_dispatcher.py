@@ -50,7 +50,7 @@ class Delivery(Tracked):
     finished it or dead-lettered it — exactly once on every path.
     """
 
-    __slots__ = ("controller", "event", "remaining", "subscription")
+    __slots__ = ("controller", "event", "remaining", "routed", "subscription", "undelivered")
 
     def __init__(
         self,
@@ -61,6 +61,9 @@ class Delivery(Tracked):
         self.event = event
         self.controller = controller
         self.remaining = 1
+        self.routed = False
+        # While the dispatcher waits to hand it on: the subscriptions still without it.
+        self.undelivered: tuple[Subscription, ...] = ()
         # Set for a replay: only this subscription gets it.
         self.subscription = subscription
 
@@ -72,10 +75,25 @@ class Delivery(Tracked):
     def dead_letter(
         self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
     ) -> None:
-        cell.engine.dead_letters.add(
-            cell.dead_letter_name, self.event, reason, error=error, attempts=attempts
-        )
-        self.done()
+        engine = cell.engine
+        shares = 1
+        if not self.routed:
+            # Still in the dispatcher's mailbox (one share): each subscription
+            # it was bound for records it under its own name.
+            if self.subscription is not None:
+                names = [self.subscription.name]
+            else:
+                names = [s.name for s in engine._router.route(type(self.event))]
+        elif cell is engine._dispatcher:
+            # Stopped while handing it on: one share per subscription still without it.
+            names = [s.name for s in self.undelivered]
+            shares = len(names)
+        else:
+            names = [cell.dead_letter_name]
+        for name in names:
+            engine.dead_letters.add(name, self.event, reason, error=error, attempts=attempts)
+        for _ in range(shares):
+            self.done()
 
 
 class Subscription:
@@ -292,8 +310,10 @@ class Dispatcher(Actor):
         self.router = router
 
     async def receive(self, message: Delivery) -> None:
+        message.routed = True
         target = message.subscription
         if target is not None:
+            message.undelivered = (target,)
             await target.deliver(message)
             return
         event = message.event
@@ -302,7 +322,7 @@ class Dispatcher(Actor):
             message.done()
             return
         message.remaining = len(subscriptions)
-        for subscription in subscriptions:
+        for index, subscription in enumerate(subscriptions):
             cells = subscription.cells
             if len(cells) == 1 or subscription.key is not None:
                 if len(cells) == 1:
@@ -311,6 +331,7 @@ class Dispatcher(Actor):
                     try:
                         key = subscription.key(event)  # type: ignore[misc]
                     except Exception:
+                        message.undelivered = subscriptions[index:]
                         await subscription.deliver(message)  # dead-letters the key's error
                         continue
                     cell = cells[stable_hash(key) % len(cells)]
@@ -323,6 +344,8 @@ class Dispatcher(Actor):
                     if cell.wakeup is not None:
                         cell.wake()
                     continue
+                message.undelivered = subscriptions[index:]
                 await subscription.deliver_to(cell, message)
                 continue
+            message.undelivered = subscriptions[index:]
             await subscription.deliver(message)

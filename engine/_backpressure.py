@@ -69,10 +69,21 @@ class BackpressureConfig(msgspec.Struct, frozen=True, kw_only=True):
                 f"need 0 < warning <= critical, got warning={self.warning!r}, "
                 f"critical={self.critical!r}"
             )
-        if int(self.max_depth * self.critical) < 1:
+        if self.critical_depth < 1:
             raise ValueError(
-                f"critical threshold int(max_depth * critical) must be >= 1, got "
+                f"the critical threshold int(max_depth * critical) must be >= 1, got "
                 f"int({self.max_depth} * {self.critical}) = 0"
+            )
+        if self.warning_depth < 1:
+            raise ValueError(
+                f"the warning threshold int(max_depth * warning) must be >= 1, got "
+                f"int({self.max_depth} * {self.warning}) = 0"
+            )
+        if self.margin > self.warning_depth:
+            # Leaving a state needs depth <= threshold - margin; below 0 it never could.
+            raise ValueError(
+                f"the hysteresis margin int(max_depth * hysteresis) = {self.margin} must not "
+                f"exceed the warning threshold {self.warning_depth}"
             )
 
     @property
@@ -146,6 +157,11 @@ class BackpressureController:
 
     def reject(self) -> None:
         self.rejected += 1
+
+    def give_back(self) -> None:
+        """Undo a ``try_acquire`` whose event was then refused: neither accepted nor in flight."""
+        self.accepted -= 1
+        self.release()
 
     def release(self) -> None:
         depth = self.depth = self.depth - 1

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "EngineMetrics"]
 
-DISPATCHER = "actorbus.dispatcher"
+# The engine's own actors; user names may not start with it.
+RESERVED_PREFIX = "actorbus."
+DISPATCHER = RESERVED_PREFIX + "dispatcher"
 
 logger = logging.getLogger("actorbus.engine")
 
@@ -197,15 +199,20 @@ class Engine:
 
         assert self._root is not None
         router = self._router
-        ref = await self._root.spawn(
+        cell, instance = self._root.add_cell(
             lambda: Dispatcher(router),
             name=DISPATCHER,
             capacity=self.backpressure.max_depth,
+            overflow=Overflow.BLOCK,
+            restart=Restart.PERMANENT,
             max_attempts=1,
+            internal=True,
         )
-        self._dispatcher = ref._cell
-        pending, self._pending_subscriptions = self._pending_subscriptions, []
+        await self._task_group.start(cell.run, instance, name="actorbus dispatcher")
+        self._dispatcher = cell
+        pending = list(self._pending_subscriptions)
         for subscription in pending:
+            self._pending_subscriptions.remove(subscription)
             self._start_subscription(subscription)
 
     async def __aexit__(
@@ -281,9 +288,14 @@ class Engine:
         if not self._accepting:
             self._refuse()
 
-    def _check_name_free(self, name: str) -> None:
+    def _check_name_free(self, name: str, *, internal: bool = False) -> None:
+        if not internal and name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"names starting with {RESERVED_PREFIX!r} are reserved, got {name!r}")
         if name in self._names:
             raise ValueError(f"name {name!r} is already taken by a running actor or supervisor")
+        for pending in self._pending_subscriptions:
+            if name == _supervisor_name(pending.name) or name in pending.partition_names():
+                raise ValueError(f"name {name!r} is already taken by subscription {pending.name!r}")
 
     def _forget(self, child: Cell | Supervisor) -> None:
         if self._names.get(child.name) is child:
@@ -506,10 +518,10 @@ class Engine:
         try:
             accepted = dispatcher.offer(delivery)
         except BaseException:
-            self._controller.release()
+            self._controller.give_back()
             raise
         if not accepted:  # depth >= the dispatcher's queue, so this means a bug
-            self._controller.release()
+            self._controller.give_back()
             raise BackpressureError("the dispatcher mailbox is full")
 
     async def publish(self, event: Event, *, timeout: float | None = None) -> None:  # noqa: ASYNC109

@@ -268,10 +268,11 @@ class Supervisor:
         overflow: Overflow,
         restart: Restart,
         max_attempts: int,
+        internal: bool = False,
     ) -> tuple[Cell, Actor]:
         """Register a child cell and make its first instance; the caller starts its task."""
         self._check_running()
-        self.engine._check_name_free(name)
+        self.engine._check_name_free(name, internal=internal)
         instance = factory()
         cell = Cell(
             self.engine,
