@@ -345,8 +345,6 @@ class Cell:
             self.engine._busy += 1
             wakeup.set()
 
-    wake_loop = wake
-
     def dead_letter(
         self,
         item: Any,
@@ -566,7 +564,7 @@ class Cell:
         """Ask the loop to leave after the current message (stop, suspend or self-stop)."""
         setattr(self, flag, True)
         self.interrupt = True
-        self.wake_loop()
+        self.wake()
 
     def _finalise(self) -> None:
         self.closed = True
