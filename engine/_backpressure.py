@@ -125,6 +125,7 @@ class BackpressureController:
         self.rejected = 0
         self.transitions = 0
         self._relieved: anyio.Event | None = None
+        self._critical_entries = 0
 
     def try_acquire(self) -> bool:
         """Take a slot unless CRITICAL."""
@@ -185,13 +186,23 @@ class BackpressureController:
     def _move(self, state: BackpressureState) -> None:
         old, self.state = self.state, state
         self.transitions += 1
-        log = logger.warning if state is _CRITICAL else logger.info
-        log(
-            "backpressure %s -> %s at depth %d of %d",
+        level = logging.INFO
+        if state is _CRITICAL:
+            # Under sustained load CRITICAL is entered once per hysteresis margin
+            # of events: warn on the first entry and then every 100th, so the
+            # log shows the pressure without flooding (the rest go to DEBUG).
+            self._critical_entries += 1
+            level = logging.WARNING if self._critical_entries % 100 == 1 else logging.DEBUG
+        elif old is _CRITICAL:
+            level = logging.DEBUG if self._critical_entries % 100 != 1 else logging.INFO
+        logger.log(
+            level,
+            "backpressure %s -> %s at depth %d of %d (CRITICAL entered %d times)",
             old.value,
             state.value,
             self.depth,
             self.config.max_depth,
+            self._critical_entries,
             extra={"state": state.value, "depth": self.depth},
         )
         if old is _CRITICAL and self._relieved is not None:

@@ -842,3 +842,26 @@ async def test_a_million_events_through_a_slow_subscriber_stay_within_the_capaci
     assert max(peaks) < bound
     assert peaks[1] < 1.5 * peaks[0] + 64 * 1024  # no growth between 100k and 1M
     assert block_growth < block_bound
+
+
+def test_sustained_critical_load_warns_on_the_first_and_every_hundredth_entry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    controller = BackpressureController(BackpressureConfig(max_depth=100))
+    with caplog.at_level(logging.DEBUG, logger="actorbus.backpressure"):
+        for _ in range(90):
+            assert controller.try_acquire()
+        for _ in range(249):  # 250 CRITICAL entries in all
+            for _ in range(5):
+                controller.release()
+            for _ in range(5):
+                assert controller.try_acquire()
+    assert controller.state is BackpressureState.CRITICAL
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage().rsplit("(", 1)[1] for r in warnings] == [
+        "CRITICAL entered 1 times)",
+        "CRITICAL entered 101 times)",
+        "CRITICAL entered 201 times)",
+    ]
+    # Every transition is still logged, at DEBUG when it is not worth a warning.
+    assert len(caplog.records) == controller.transitions
