@@ -445,7 +445,7 @@ class Cell:
                 finally:
                     self.started.set()
         finally:
-            self._finalise()
+            self.finalise()
 
     async def _start_instance(self, instance: Actor, cause: BaseException | None) -> None:
         if not isinstance(instance, Actor):
@@ -566,7 +566,8 @@ class Cell:
         self.interrupt = True
         self.wake()
 
-    def _finalise(self) -> None:
+    def finalise(self) -> None:
+        """Stop for good without waiting: dead-letter what is left, unregister, wake waiters."""
         self.closed = True
         self.open = False
         self.state = ActorState.STOPPED

@@ -489,13 +489,11 @@ class Engine:
                     )
                 )
         except BaseException:
-            # The handler's factory raised: leave nothing registered.
+            # The handler's factory raised: leave nothing registered (and no
+            # cell counted busy, which would hold up the shutdown drain).
             for cell, _ in started:
-                self._forget(cell)
-            self._forget(supervisor)
-            self._root.forget(supervisor)
-            supervisor.stopped = True
-            supervisor.wake.set()
+                cell.finalise()
+            supervisor.close()
             raise
         for cell, instance in started:
             cell.dead_letter_name = subscription.name

@@ -215,9 +215,13 @@ class Supervisor:
         async with self.lock:
             for member in reversed(list(self.children)):
                 await member.terminate(reason, cancel_current=cancel_current)
-            self.stopped = True
-            self.state = ActorState.STOPPED
-            self.wake.set()
+            self.close()
+
+    def close(self) -> None:
+        """Mark stopped, end the loop and unregister; the children are already stopped."""
+        self.stopped = True
+        self.state = ActorState.STOPPED
+        self.wake.set()
         self.engine._forget(self)
         if self.parent is not None:
             self.parent.forget(self)

@@ -235,3 +235,28 @@ async def test_on_stop_that_hangs_is_cut_off_at_the_shutdown_timeout() -> None:
     async with Engine(shutdown_timeout=3) as engine:
         await engine.spawn(Hangs, name="h")
     assert anyio.current_time() - start == 3
+
+
+async def test_a_subscription_whose_factory_fails_midway_does_not_hold_up_shutdown() -> None:
+    from engine.catalog import TagCreated
+
+    made: list[int] = []
+
+    class Handler(Actor):
+        async def receive(self, message: Any) -> None:
+            return None
+
+    def factory() -> Actor:
+        made.append(1)
+        if len(made) == 2:
+            raise OSError("second partition cannot be built")
+        return Handler()
+
+    async with Engine(shutdown_timeout=30) as engine:
+        with pytest.raises(OSError, match="second partition"):
+            engine.subscribe(TagCreated, handler=factory, name="half", partitions=2)
+        assert "half#0" not in engine.metrics().actors
+        assert "subscription:half" not in engine.root.children
+        start = anyio.current_time()
+    # Nothing was left counted as busy: the drain ended at once, not after 30 s.
+    assert anyio.current_time() - start == 0
