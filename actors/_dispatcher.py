@@ -155,8 +155,7 @@ class Subscription:
             cell = self.pick(delivery.event)
         except Exception as exc:
             # The key function raised: this subscription cannot place the event.
-            self.engine.dead_letters.add(self.name, delivery.event, "failed", error=exc)
-            delivery.done()
+            self.refuse(delivery, "failed", exc)
             return
         await self.deliver_to(cell, delivery)
 
@@ -165,12 +164,14 @@ class Subscription:
             if not cell.offer(delivery):
                 await cell.put(delivery)
         except MailboxFull as exc:
-            self.engine.dead_letters.add(self.name, delivery.event, "dropped", error=exc)
-            delivery.done()
+            self.refuse(delivery, "dropped", exc)
         except ActorStopped as exc:
-            reason: DeadLetterReason = "shutdown" if self.engine._closing else "stopped"
-            self.engine.dead_letters.add(self.name, delivery.event, reason, error=exc)
-            delivery.done()
+            self.refuse(delivery, "shutdown" if self.engine._closing else "stopped", exc)
+
+    def refuse(self, delivery: Delivery, reason: DeadLetterReason, error: Exception) -> None:
+        """Dead-letter ``delivery`` for this subscription and give back its share."""
+        self.engine.dead_letters.add(self.name, delivery.event, reason, error=error)
+        delivery.done()
 
 
 class SubscriptionRef:
@@ -323,29 +324,19 @@ class Dispatcher(Actor):
             return
         message.remaining = len(subscriptions)
         for index, subscription in enumerate(subscriptions):
-            cells = subscription.cells
-            if len(cells) == 1 or subscription.key is not None:
-                if len(cells) == 1:
-                    cell = cells[0]
-                else:
-                    try:
-                        key = subscription.key(event)  # type: ignore[misc]
-                    except Exception:
-                        message.undelivered = subscriptions[index:]
-                        await subscription.deliver(message)  # dead-letters the key's error
-                        continue
-                    cell = cells[stable_hash(key) % len(cells)]
-                queue = cell.queue
-                # The common case inline: one partition with room.
-                if cell.open and len(queue) < cell.capacity:
-                    queue.append(message)
-                    if len(queue) > cell.peak:
-                        cell.peak = len(queue)
-                    if cell.wakeup is not None:
-                        cell.wake()
-                    continue
-                message.undelivered = subscriptions[index:]
-                await subscription.deliver_to(cell, message)
+            try:
+                cell = subscription.pick(event)
+            except Exception as exc:
+                subscription.refuse(message, "failed", exc)
+                continue
+            queue = cell.queue
+            # The common case inline (as in ActorRef.try_tell): a mailbox with room.
+            if cell.open and len(queue) < cell.capacity:
+                queue.append(message)
+                if len(queue) > cell.peak:
+                    cell.peak = len(queue)
+                if cell.wakeup is not None:
+                    cell.wake()
                 continue
             message.undelivered = subscriptions[index:]
-            await subscription.deliver(message)
+            await subscription.deliver_to(cell, message)
