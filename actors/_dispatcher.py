@@ -50,16 +50,27 @@ class Delivery(Tracked):
     finished it or dead-lettered it — exactly once on every path.
     """
 
-    __slots__ = ("controller", "event", "remaining", "routed", "subscription", "undelivered")
+    __slots__ = (
+        "controller",
+        "event",
+        "remaining",
+        "routed",
+        "seq",
+        "subscription",
+        "undelivered",
+    )
 
     def __init__(
         self,
         event: Event,
-        controller: BackpressureController,
+        controller: BackpressureController | Any,
         subscription: Subscription | None = None,
+        seq: int | None = None,
     ) -> None:
         self.event = event
         self.controller = controller
+        # The outbox position of a durable event (None in memory and for replays).
+        self.seq = seq
         self.remaining = 1
         self.routed = False
         # While the dispatcher waits to hand it on: the subscriptions still without it.
@@ -72,10 +83,23 @@ class Delivery(Tracked):
         if not self.remaining:
             self.controller.release()
 
+    def finish(self, cell: Cell) -> None:
+        """The subscription partition ``cell`` is finished with this event."""
+        track = cell.track
+        if track is not None and self.seq is not None:
+            track.finish(self.seq)
+        self.done()
+
     def dead_letter(
         self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
     ) -> None:
         engine = cell.engine
+        if reason == "shutdown" and self.seq is not None:
+            # A durable event cut short by shutdown stays in the outbox and its
+            # subscribers' positions stay before it: the next run delivers it.
+            self.remaining = 1
+            self.done()
+            return
         shares = 1
         if not self.routed:
             # Still in the dispatcher's mailbox (one share): each subscription
@@ -91,7 +115,12 @@ class Delivery(Tracked):
         else:
             names = [cell.dead_letter_name]
         for name in names:
-            engine.dead_letters.add(name, self.event, reason, error=error, attempts=attempts)
+            engine.dead_letters.add(
+                name, self.event, reason, error=error, attempts=attempts, seq=self.seq
+            )
+        track = cell.track
+        if track is not None and self.seq is not None:
+            track.finish(self.seq)
         for _ in range(shares):
             self.done()
 
@@ -124,6 +153,11 @@ class Subscription:
         self.backoff = backoff
         self.is_function = is_async_function(handler)
         self.cells: list[Cell] = []
+        # Routed by the dispatcher; a durable subscription goes live once it caught up.
+        self.live = True
+        # A durable subscription's positions (set by the engine when it has a database).
+        self.tracker: Any = None
+        self.projector: Callable[[Any, Any], Any] | None = None
         self.partition_count = partitions
         self.ref = SubscriptionRef(self)
 
@@ -136,6 +170,10 @@ class Subscription:
         return [f"{self.name}#{i}" for i in range(self.partition_count)]
 
     def factory(self) -> Callable[[], Actor]:
+        if self.projector is not None:
+            from ._relay import ProjectionSubscriber
+
+            return lambda: ProjectionSubscriber(self)
         if self.is_function:
             handler = self.handler
             return lambda: FunctionSubscriber(self, handler)  # type: ignore[arg-type]
@@ -160,18 +198,35 @@ class Subscription:
         await self.deliver_to(cell, delivery)
 
     async def deliver_to(self, cell: Cell, delivery: Delivery) -> None:
+        track = cell.track
+        if track is not None and delivery.seq is not None:
+            track.sent(delivery.seq)
         try:
             if not cell.offer(delivery):
                 await cell.put(delivery)
         except MailboxFull as exc:
-            self.refuse(delivery, "dropped", exc)
+            self.refuse(delivery, "dropped", exc, cell)
         except ActorStopped as exc:
-            self.refuse(delivery, "shutdown" if self.engine._closing else "stopped", exc)
+            self.refuse(delivery, "shutdown" if self.engine._closing else "stopped", exc, cell)
 
-    def refuse(self, delivery: Delivery, reason: DeadLetterReason, error: Exception) -> None:
+    def refuse(
+        self,
+        delivery: Delivery,
+        reason: DeadLetterReason,
+        error: Exception,
+        cell: Cell | None = None,
+    ) -> None:
         """Dead-letter ``delivery`` for this subscription and give back its share."""
-        self.engine.dead_letters.add(self.name, delivery.event, reason, error=error)
-        delivery.done()
+        if reason == "shutdown" and delivery.seq is not None:
+            delivery.done()  # durable: the next run delivers it (see Delivery.dead_letter)
+            return
+        self.engine.dead_letters.add(
+            self.name, delivery.event, reason, error=error, seq=delivery.seq
+        )
+        if cell is not None:
+            delivery.finish(cell)
+        else:
+            delivery.done()
 
 
 class SubscriptionRef:
@@ -226,7 +281,11 @@ class FunctionSubscriber(Actor):
         except Exception as exc:
             await self._retry(message, exc)
             return
-        message.done()
+        cell = self._actorbus_cell
+        if cell is not None and cell.track is not None:
+            message.finish(cell)
+        else:
+            message.done()
 
     async def _retry(self, delivery: Delivery, error: Exception) -> None:
         sub = self.subscription
@@ -239,7 +298,9 @@ class FunctionSubscriber(Actor):
             except Exception as exc:
                 error = exc
                 continue
-            delivery.done()
+            cell = self._actorbus_cell
+            assert cell is not None
+            delivery.finish(cell)
             return
         cell = self._actorbus_cell
         assert cell is not None
@@ -271,7 +332,9 @@ class ActorSubscriber(Actor):
 
     async def receive(self, message: Delivery) -> Any:
         result = await self.inner.receive(message.event)
-        message.done()
+        cell = self._actorbus_cell
+        assert cell is not None
+        message.finish(cell)
         return result
 
 
@@ -286,6 +349,10 @@ class Router:
         self.subscriptions[subscription.name] = subscription
         self._routes.clear()
 
+    def changed(self) -> None:
+        """A subscription went live: routes are worked out again."""
+        self._routes.clear()
+
     def remove(self, subscription: Subscription) -> None:
         self.subscriptions.pop(subscription.name, None)
         self._routes.clear()
@@ -294,7 +361,9 @@ class Router:
         try:
             return self._routes[event_type]
         except KeyError:
-            routes = tuple(s for s in self.subscriptions.values() if s.matches(event_type))
+            routes = tuple(
+                s for s in self.subscriptions.values() if s.live and s.matches(event_type)
+            )
             self._routes[event_type] = routes
             return routes
 
@@ -312,6 +381,9 @@ class Dispatcher(Actor):
 
     async def receive(self, message: Delivery) -> None:
         message.routed = True
+        if message.seq is not None:
+            await self._route_durable(message)
+            return
         target = message.subscription
         if target is not None:
             message.undelivered = (target,)
@@ -340,3 +412,28 @@ class Dispatcher(Actor):
                 continue
             message.undelivered = subscriptions[index:]
             await subscription.deliver_to(cell, message)
+
+    async def _route_durable(self, message: Delivery) -> None:
+        """Route an outbox event: only to live subscriptions that have not had it yet.
+
+        A subscription that just caught up from the outbox may already have
+        handled an event still queued here; its tracker's cursor says so.
+        """
+        event = message.event
+        seq = message.seq
+        assert seq is not None
+        engine = self._actorbus_cell.engine if self._actorbus_cell is not None else None
+        subscriptions = tuple(
+            s for s in self.router.route(type(event)) if s.tracker is None or seq > s.tracker.cursor
+        )
+        if not subscriptions:
+            message.done()
+        else:
+            message.remaining = len(subscriptions)
+            for index, subscription in enumerate(subscriptions):
+                if subscription.tracker is not None:
+                    subscription.tracker.cursor = seq
+                message.undelivered = subscriptions[index:]
+                await subscription.deliver(message)
+        if engine is not None and seq > engine._dispatched:
+            engine._dispatched = seq

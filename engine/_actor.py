@@ -249,6 +249,8 @@ class Cell:
         self.ref: ActorRef[Any] = ActorRef(self)
         # Whose name a dead letter carries: a subscription's partitions use the subscription's.
         self.dead_letter_name = name
+        # A durable subscription partition's position tracker (None otherwise).
+        self.track: Any = None
 
         self.queue: collections.deque[Any] = collections.deque()
         self.senders: collections.deque[anyio.Event] = collections.deque()

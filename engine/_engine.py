@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import logging
+import math
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -21,10 +24,12 @@ from ._backpressure import (
     BackpressureController,
     BackpressureError,
     BackpressureMetrics,
+    BackpressureState,
 )
-from ._deadletters import DeadLetter, DeadLetters
+from ._deadletters import DeadLetter, DeadLetters, read_rows
 from ._errors import ActorStopped, EngineError
-from ._events import Event
+from ._events import Event, decode
+from ._store import Request, Store, Transaction, last_seq, prune_outbox
 from ._supervision import Supervisor, SupervisorRef, check_name
 from ._types import (
     ActorStatistics,
@@ -39,12 +44,19 @@ from ._types import (
 
 if TYPE_CHECKING:
     from actors._dispatcher import Router, Subscription, SubscriptionRef
+    from actors._relay import RelayState, Tracker
+
+_T = TypeVar("_T")
 
 __all__ = ["Engine", "EngineMetrics"]
 
 # The engine's own actors; user names may not start with it.
 RESERVED_PREFIX = "actorbus."
 DISPATCHER = RESERVED_PREFIX + "dispatcher"
+RELAY = RESERVED_PREFIX + "relay"
+# How often positions are checkpointed, and the outbox is polled as a safety net.
+CHECKPOINT_INTERVAL = 0.1
+POLL_INTERVAL = 1.0
 
 logger = logging.getLogger("actorbus.engine")
 
@@ -62,6 +74,17 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Dead letters recorded since the engine started (including evicted ones)."""
     backpressure: BackpressureMetrics
     """The in-flight event budget: depth, peak, state, accepted, rejected, transitions."""
+    outbox_head: int = 0
+    """The last committed outbox seq (0 without a database)."""
+    lag: dict[str, int] = msgspec.field(default_factory=dict)
+    """Per durable subscription or projection: outbox events after its position."""
+
+
+class _NoSlot:
+    """The controller of deliveries that hold no backpressure slot (catch-up reads)."""
+
+    def release(self) -> None:
+        pass
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -114,10 +137,9 @@ class Engine:
         if database is not None and not isinstance(database, str | os.PathLike):
             raise TypeError(f"database must be a path or None, got {type(database).__name__}")
         if database is not None:
-            raise EngineError(
-                "durable storage (Engine(database)) is not available in this version; "
-                "use Engine() for in-memory operation"
-            )
+            database = os.fspath(database)
+            if not database or "\x00" in database:
+                raise ValueError(f"database must be a file path, got {database!r}")
         check_timeout(shutdown_timeout, "shutdown_timeout", allow_none=False)
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
@@ -137,7 +159,17 @@ class Engine:
         self._delivery = Delivery
         self._pending_subscriptions: list[Subscription] = []
         self._dispatcher: Cell | None = None
-        self.database = database
+        self.database: str | None = database
+        self._store: Store | None = None
+        self._relay_state: RelayState | None = None
+        self._relay: Cell | None = None
+        self._no_slot = _NoSlot()
+        # The highest outbox seq the dispatcher has routed to every live subscription.
+        self._dispatched = 0
+        # Set when the engine stops its actors: the relay and catch-up readers stop.
+        self._terminating = False
+        self._housekeeping: anyio.CancelScope | None = None
+        self._store_done = anyio.Event()
         self.shutdown_timeout = float(shutdown_timeout)
         self.durability = durability
         self.dead_letters = DeadLetters(self._redeliver, max_entries=dead_letter_limit)
@@ -178,6 +210,8 @@ class Engine:
         self._running = True
         self._accepting = True
         try:
+            if self.database is not None:
+                await self._open_store(tg)
             await self._start_dispatcher()
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
@@ -210,6 +244,8 @@ class Engine:
         )
         await self._task_group.start(cell.run, instance, name="actorbus dispatcher")
         self._dispatcher = cell
+        if self._relay_state is not None:
+            await self._start_relay()
         pending = list(self._pending_subscriptions)
         for subscription in pending:
             self._pending_subscriptions.remove(subscription)
@@ -266,10 +302,14 @@ class Engine:
                     )
         finally:
             self._draining = False
+            self._terminating = True
             # Shielded and bounded: even a cancelled caller gets its actors'
             # on_stop, in reverse start order, within shutdown_timeout.
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout):
                 await root.terminate("shutdown", cancel_current=cut_short)
+            if self._store is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._close_store()
 
     # ------------------------------------------------------------- internals
 
@@ -311,15 +351,200 @@ class Engine:
 
     async def _redeliver(self, letter: DeadLetter) -> None:
         subscription = self._router.subscriptions.get(letter.actor)
-        if subscription is not None and isinstance(letter.message, Event):
+        message = letter.message
+        if subscription is not None and isinstance(message, bytes) and letter.seq is not None:
+            try:  # an outbox row whose type was not registered then may be now
+                message = decode(message)
+            except Exception as exc:
+                raise EngineError(
+                    f"cannot replay dead letter {letter.id}: its event does not decode ({exc})"
+                ) from exc
+        if subscription is not None and isinstance(message, Event):
             self._check_publishing()
+            if subscription.projector is not None:
+                await self._replay_projection(subscription, message, letter)
+                return
             await self._controller.acquire(None)
-            self._dispatch(self._delivery(letter.message, self._controller, subscription))
+            self._dispatch(self._delivery(message, self._controller, subscription))
             return
         target = self._names.get(letter.actor)
         if not isinstance(target, Cell):
             raise ActorStopped(f"cannot replay dead letter {letter.id}: no actor {letter.actor!r}")
         await target.ref.tell(letter.message)
+
+    # ------------------------------------------------------------ durability
+
+    async def _open_store(self, tg: TaskGroup) -> None:
+        from actors._relay import RelayState
+
+        assert self.database is not None
+        store = Store(
+            self.database,
+            durability=self.durability,
+            max_pending=self.backpressure.max_depth,
+            on_commit=self._committed,
+            on_busy=self._store_busy,
+            on_idle=self._cell_idle,
+        )
+        head = await store.open()
+        self._store = store
+        self._store_done = anyio.Event()
+        tg.start_soon(self._run_store, store, name="actorbus writer")
+        loaded, count, last = await store.read(_load_dead_letters(self.dead_letters._max_entries))
+        self.dead_letters.attach(store, loaded, count, last)
+        self._relay_state = RelayState(head)
+        self._dispatched = head
+
+    async def _run_store(self, store: Store) -> None:
+        try:
+            await store.run()
+        finally:
+            self._store_done.set()
+
+    def _store_busy(self) -> None:
+        self._busy += 1
+
+    async def _start_relay(self) -> None:
+        from actors._relay import Relay
+
+        assert self._root is not None
+        assert self._relay_state is not None
+        state = self._relay_state
+        cell, instance = self._root.add_cell(
+            lambda: Relay(self, state),
+            name=RELAY,
+            capacity=1,
+            overflow=Overflow.REJECT,
+            restart=Restart.PERMANENT,
+            max_attempts=1,
+            internal=True,
+        )
+        await self._task_group.start(cell.run, instance, name="actorbus relay")
+        self._relay = cell
+        scope = anyio.CancelScope()
+        self._housekeeping = scope
+        self._task_group.start_soon(self._housekeep, scope, name="actorbus housekeeping")
+
+    def _committed(self, events: list[tuple[int, Event]]) -> None:
+        state = self._relay_state
+        assert state is not None
+        state.committed(events)
+        self._wake_relay()
+
+    def _wake_relay(self) -> None:
+        relay = self._relay
+        if relay is not None and not relay.closed and not relay.queue:
+            # The engine's own tasks count as inside: during the drain the
+            # relay still takes wake-ups, as actors still take each other's tells.
+            token = current_cell.set(relay)
+            try:
+                relay.offer("committed")
+            finally:
+                current_cell.reset(token)
+
+    async def _housekeep(self, scope: anyio.CancelScope) -> None:
+        """Checkpoint positions often; poll the outbox and replay requests now and then."""
+        from actors._relay import checkpoint
+
+        store = self._store
+        state = self._relay_state
+        assert store is not None
+        assert state is not None
+        polled = anyio.current_time()
+        with scope:
+            while True:
+                await anyio.sleep(CHECKPOINT_INTERVAL)
+                request = checkpoint(self)
+                if request is not None and not self._terminating:
+                    store.submit(request, bounded=False)
+                if anyio.current_time() - polled >= POLL_INTERVAL:
+                    polled = anyio.current_time()
+                    head, replays = await store.read(_poll)
+                    if head > state.head:
+                        state.head = head
+                        self._wake_relay()
+                    for letter_id in replays:
+                        await self._replay_requested(letter_id)
+
+    async def _replay_requested(self, letter_id: int) -> None:
+        """A replay asked for from outside (``python -m engine dead-letters DB replay ID``)."""
+        try:
+            await self.dead_letters.replay(letter_id)
+        except Exception as exc:
+            logger.warning(
+                "replay of dead letter %d requested from outside failed: %s",
+                letter_id,
+                exc,
+                extra={"dead_letter": letter_id},
+            )
+            store = self._store
+            assert store is not None
+            await store.call(
+                lambda tx: tx.conn.execute(
+                    "UPDATE dead_letters SET replay_requested = 0 WHERE id = ?", (letter_id,)
+                )
+            )
+        else:
+            logger.info("dead letter %d replayed on request", letter_id)
+
+    async def _close_store(self) -> None:
+        from actors._relay import checkpoint
+
+        store = self._store
+        assert store is not None
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        request = checkpoint(self)
+        if request is not None:
+            store.submit(request, bounded=False)
+        await store.close()
+        await self._store_done.wait()
+        self.dead_letters.detach()
+
+    def _track(self, subscription: Subscription, kind: str) -> Tracker:
+        from actors._relay import register
+
+        return register(self, subscription, kind)
+
+    async def _catch_up(self, tracker: Tracker) -> None:
+        from actors._relay import catch_up
+
+        current_cell.set(self._dispatcher)  # inside the engine: delivers during the drain
+        try:
+            if not self._terminating:
+                await catch_up(self, tracker)
+        except EngineError:
+            if not self._terminating:
+                raise
+            # Stopped while catching up: the next run resumes from the positions.
+        finally:
+            self._cell_idle()
+
+    async def _replay_projection(
+        self, subscription: Subscription, event: Event, letter: DeadLetter
+    ) -> None:
+        from actors._relay import run_projector
+
+        store = self._store
+        assert store is not None
+        assert subscription.projector is not None
+        projector = subscription.projector
+        attempts = subscription.max_attempts
+
+        def replay(tx: Transaction) -> None:
+            error = run_projector(tx, projector, event, attempts)
+            if error is not None:
+                raise error
+            tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (letter.id,))
+
+        await store.call(replay)
+
+    def _require_store(self, what: str) -> Store:
+        if self.database is None:
+            raise EngineError(f"{what} needs a database: use Engine('app.db')")
+        if self._store is None:
+            self._refuse()
+        return self._store
 
     # ------------------------------------------------------------ public API
 
@@ -393,7 +618,104 @@ class Engine:
             dead_letters=self.dead_letters.count(),
             dead_letters_total=self.dead_letters.total,
             backpressure=self._controller.metrics(),
+            outbox_head=self._relay_state.head if self._relay_state is not None else 0,
+            lag=self._lag(),
         )
+
+    def _lag(self) -> dict[str, int]:
+        state = self._relay_state
+        if state is None:
+            return {}
+        lag = {}
+        for name, subscription in self._router.subscriptions.items():
+            tracker = subscription.tracker
+            if tracker is not None and tracker.partitions:
+                lag[name] = max(0, state.head - min(tracker.positions()))
+        return lag
+
+    # ------------------------------------------------------------- durable API
+
+    async def transact(self, fn: Callable[[Transaction], _T]) -> _T:
+        """Run ``fn(tx)`` in the database thread inside one transaction; return its result.
+
+        ``tx.db`` is a ``sqlite_utils.Database`` on that transaction and
+        ``tx.publish(event)`` appends a validated event to the outbox in it.
+        If ``fn`` raises, its writes and its events roll back together and the
+        error is raised here. Concurrent calls share one commit (group commit)
+        with a savepoint each; this returns once the commit holding the work
+        is durable. Needs a database (``EngineError`` otherwise).
+        """
+        if not callable(fn):
+            raise TypeError(f"transact takes a function of the transaction, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                "transact runs a plain function `def fn(tx)` in the database thread, "
+                f"not a coroutine function: got {fn!r}"
+            )
+        store = self._require_store("transact")
+        self._check_publishing()
+        result: _T = await store.call(fn)
+        return result
+
+    def project(
+        self,
+        *event_types: type[Event],
+        projector: Callable[[Transaction, Any], None],
+        name: str,
+        max_attempts: int = 3,
+        capacity: int = 1000,
+    ) -> SubscriptionRef:
+        """A durable projection: ``projector(tx, event)`` runs in the database thread.
+
+        It runs inside the transaction that also moves the projection's
+        position, so its writes to the same database happen exactly once, even
+        across crashes. A failing projector is retried in place (a savepoint
+        per attempt) up to ``max_attempts``, then the event is dead-lettered in
+        that same transaction. Needs a database.
+        """
+        from actors._dispatcher import Subscription
+
+        if self.database is None:
+            raise EngineError("project needs a database: use Engine('app.db')")
+        _check_event_types(event_types, "project")
+        if not callable(projector) or inspect.iscoroutinefunction(projector):
+            raise TypeError(
+                "projector must be a plain function `def projector(tx, event)` (it runs in the "
+                f"database thread), got {projector!r}"
+            )
+        check_name(name)
+        check_int(max_attempts, "max_attempts", 1)
+        check_int(capacity, "capacity", 1)
+        self._check_new_subscription(name)
+        subscription = Subscription(
+            self,
+            tuple(event_types),
+            projector,  # type: ignore[arg-type]
+            name=name,
+            capacity=capacity,
+            partitions=1,
+            key=None,
+            overflow=Overflow.BLOCK,
+            max_attempts=max_attempts,
+            backoff=Backoff(),
+        )
+        subscription.projector = projector
+        return self._add_subscription(subscription)
+
+    async def prune(self, *, older_than: float | dt.timedelta) -> int:
+        """Delete outbox events older than ``older_than`` that every subscription passed.
+
+        ``older_than`` is seconds or a ``timedelta``. Positions are as last
+        checkpointed, so an event is never pruned before every durable
+        subscription (and projection) finished it. Sequence numbers are never
+        reused. Returns how many events were deleted.
+        """
+        seconds = _age(older_than)
+        store = self._require_store("prune")
+        self._check_publishing()
+        cutoff = time.time() - seconds
+        deleted: int = await store.call(lambda tx: prune_outbox(tx.conn, cutoff))
+        return deleted
 
     # ------------------------------------------------------------- events
 
@@ -421,11 +743,7 @@ class Engine:
         """
         from actors._dispatcher import Subscription
 
-        if not event_types:
-            raise ValueError("subscribe needs at least one event type (Event receives all)")
-        for event_type in event_types:
-            if not (isinstance(event_type, type) and issubclass(event_type, Event)):
-                raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
+        _check_event_types(event_types, "subscribe")
         from actors._dispatcher import is_async_function
 
         if not callable(handler) or not (is_async_function(handler) or _is_actor_factory(handler)):
@@ -440,10 +758,7 @@ class Engine:
             raise TypeError(f"key must be a callable of the event or None, got {key!r}")
         check_enum(overflow, Overflow, "overflow")
         check_int(max_attempts, "max_attempts", 1)
-        if self._closing:
-            self._refuse()
-        if name in self._router.subscriptions:
-            raise ValueError(f"a subscription named {name!r} already exists")
+        self._check_new_subscription(name)
         subscription = Subscription(
             self,
             tuple(event_types),
@@ -456,8 +771,21 @@ class Engine:
             max_attempts=max_attempts,
             backoff=Backoff(),
         )
-        for taken in [_supervisor_name(name), *subscription.partition_names()]:
+        return self._add_subscription(subscription)
+
+    def _check_new_subscription(self, name: str) -> None:
+        if self._closing:
+            self._refuse()
+        if name in self._router.subscriptions:
+            raise ValueError(f"a subscription named {name!r} already exists")
+
+    def _add_subscription(self, subscription: Subscription) -> SubscriptionRef:
+        for taken in [_supervisor_name(subscription.name), *subscription.partition_names()]:
             self._check_name_free(taken)
+        if self.database is not None:
+            self._track(
+                subscription, "projection" if subscription.projector is not None else "subscription"
+            )
         if self._running:
             self._start_subscription(subscription)
         else:
@@ -499,6 +827,11 @@ class Engine:
             cell.dead_letter_name = subscription.name
             subscription.cells.append(cell)
             self._task_group.start_soon(cell.run, instance, name=f"subscriber {cell.name}")
+        if subscription.tracker is not None:
+            self._busy += 1  # counted now: the drain waits for a catch-up not yet begun
+            self._task_group.start_soon(
+                self._catch_up, subscription.tracker, name=f"catch-up {subscription.name}"
+            )
 
     def _check_event(self, event: object) -> Event:
         if not isinstance(event, Event):
@@ -533,6 +866,15 @@ class Engine:
         self._check_event(event)
         self._check_publishing()
         controller = self._controller
+        store = self._store
+        if store is not None:
+            # Durable: the outbox holds it once committed; the relay takes the
+            # slot when it dispatches. Publishers still wait while CRITICAL.
+            if controller.state is BackpressureState.CRITICAL:
+                await controller.acquire(timeout)
+                controller.give_back()
+            await store.call(lambda tx: tx._append(event))
+            return
         if not controller.try_acquire():
             await controller.acquire(timeout)
         self._dispatch(self._delivery(event, controller))
@@ -545,6 +887,20 @@ class Engine:
         self._check_event(event)
         self._check_publishing()
         controller = self._controller
+        store = self._store
+        if store is not None:
+            if controller.state is BackpressureState.CRITICAL:
+                controller.reject()
+                raise BackpressureError(
+                    f"engine is CRITICAL: {controller.depth} of {self.backpressure.max_depth} "
+                    "events in flight"
+                )
+            if store.submit(Request(lambda tx: tx._append(event))) is None:
+                controller.reject()
+                raise BackpressureError(
+                    f"the outbox writer has {store.max_pending} writes waiting for a commit"
+                )
+            return
         if not controller.try_acquire():
             controller.reject()
             raise BackpressureError(
@@ -567,5 +923,53 @@ def _is_actor_factory(handler: object) -> bool:
     return True
 
 
+def _check_event_types(event_types: tuple[object, ...], verb: str) -> None:
+    if not event_types:
+        raise ValueError(f"{verb} needs at least one event type (Event receives all)")
+    for event_type in event_types:
+        if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+            raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
+
+
 def _supervisor_name(subscription: str) -> str:
     return f"subscription:{subscription}"
+
+
+def _load_dead_letters(
+    limit: int,
+) -> Callable[[Any], tuple[list[DeadLetter], int, int]]:
+    def load(conn: Any) -> tuple[list[DeadLetter], int, int]:
+        count, last = conn.execute(
+            "SELECT count(*), coalesce(max(id), 0) FROM dead_letters"
+        ).fetchone()
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dead_letters'").fetchone()
+        if row is not None:
+            last = max(last, row[0])
+        return read_rows(conn, limit=limit), count, last
+
+    return load
+
+
+def _poll(conn: Any) -> tuple[int, list[int]]:
+    head = last_seq(conn)
+    replays = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM dead_letters WHERE replay_requested = 1 ORDER BY id LIMIT 100"
+        )
+    ]
+    return head, replays
+
+
+def _age(older_than: float | dt.timedelta) -> float:
+    if isinstance(older_than, dt.timedelta):
+        seconds = older_than.total_seconds()
+    elif isinstance(older_than, int | float) and not isinstance(older_than, bool):
+        seconds = float(older_than)
+    else:
+        raise TypeError(
+            f"older_than must be seconds or a datetime.timedelta, got {type(older_than).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"older_than must be finite and >= 0, got {older_than!r}")
+    return seconds
