@@ -25,7 +25,13 @@ import sqlite_utils
 from ._errors import EngineError
 from ._events import Event, decode, encode
 
-__all__ = ["StorageError", "Store", "Transaction"]
+__all__ = [
+    "StorageError",
+    "Store",
+    "Transaction",
+    "TransactionControlRefused",
+    "TransactionEnded",
+]
 
 logger = logging.getLogger("actorbus.store")
 
@@ -90,6 +96,10 @@ class StorageError(EngineError):
 
 class TransactionEnded(EngineError):
     """A transact function's statement ended the engine's transaction."""
+
+
+class TransactionControlRefused(EngineError):
+    """A transact function tried to COMMIT, ROLLBACK or BEGIN the engine's transaction."""
 
 
 def event_tag(event: Event) -> str:
@@ -244,6 +254,7 @@ class Store:
         self._pending = 0
         self._closing = False
         self._guarded = False
+        self._denied = False
         self.batches = 0
         """Transactions committed by the writer (each holds one or more requests)."""
         self.requests = 0
@@ -389,11 +400,12 @@ class Store:
         # While a user's function runs, it may not end the engine's transaction
         # (COMMIT/ROLLBACK/BEGIN) or touch the engine's savepoint: that would
         # commit or discard the other callers' work in the batch behind their backs.
-        if self._guarded:
-            if action == sqlite3.SQLITE_TRANSACTION:
-                return sqlite3.SQLITE_DENY
-            if action == sqlite3.SQLITE_SAVEPOINT and arg2 == _SAVEPOINT:
-                return sqlite3.SQLITE_DENY
+        if self._guarded and (
+            action == sqlite3.SQLITE_TRANSACTION
+            or (action == sqlite3.SQLITE_SAVEPOINT and arg2 == _SAVEPOINT)
+        ):
+            self._denied = True
+            return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
     def _commit(self, requests: list[Request]) -> None:
@@ -426,12 +438,20 @@ class Store:
             if savepoints:
                 conn.execute(f"SAVEPOINT {_SAVEPOINT}")
             self._guarded = True
+            self._denied = False
             try:
                 request.result = request.fn(tx)
             except BaseException as exc:
                 request.error = exc
             finally:
                 self._guarded = False
+            if self._denied and isinstance(request.error, sqlite3.DatabaseError):
+                refused = request.error
+                request.error = TransactionControlRefused(
+                    "a transact function may not COMMIT, ROLLBACK or BEGIN (the engine commits "
+                    "when it returns; raise to roll back): its work was rolled back"
+                )
+                request.error.__cause__ = refused
             self.requests += 1
             if not conn.in_transaction:
                 # This request's statement ended the transaction: the work of
