@@ -24,6 +24,10 @@ from ._events import Event as Event
 from ._events import EventDecodeError as EventDecodeError
 from ._events import EventValidationError as EventValidationError
 from ._events import ValidationErrorKind as ValidationErrorKind
+from ._store import StorageError as StorageError
+from ._store import Transaction as Transaction
+from ._store import TransactionControlRefused as TransactionControlRefused
+from ._store import TransactionEnded as TransactionEnded
 from ._supervision import SupervisorRef as SupervisorRef
 from ._types import ActorState as ActorState
 from ._types import ActorStatistics as ActorStatistics
@@ -59,12 +63,16 @@ __all__ = [
     "MailboxFull",
     "Overflow",
     "Restart",
+    "StorageError",
     "Strategy",
     "SupervisorEscalation",
     "SupervisorRef",
     "TenantKey",
     "TenantNotFound",
     "TenantValidationError",
+    "Transaction",
+    "TransactionControlRefused",
+    "TransactionEnded",
     "ValidationErrorKind",
     "catalog",
     "events",

@@ -1,16 +1,28 @@
-"""A first look at actorbus: a few actors, an ask, a crash and its restart.
+"""A first look at actorbus: actors, a crash and its restart, then durable events on SQLite.
 
-Run: python3 examples/quickstart.py [asyncio|trio]
+Run: python3 examples/quickstart.py [asyncio|trio] [DATABASE]   (DATABASE: a new file)
+
+Part one runs in memory; part two writes orders and their events to an
+SQLite file (a fresh temporary one unless DATABASE is given) with
+``transact``, handles them in a durable subscription and a projection, and
+restarts the engine to show that positions survive.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from engine import Actor, ActorRef, Backoff, Engine, Strategy
+from engine import Actor, ActorRef, Backoff, Engine, Event, Strategy, Transaction
+
+
+class OrderPlaced(Event, tag="quickstart.order_placed"):
+    order: str
+    amount: int
 
 
 class Counter(Actor):
@@ -52,7 +64,7 @@ class Greeter(Actor):
         return f"hello {name}, you are visitor #{visits}"
 
 
-async def main() -> None:
+async def actors() -> None:
     async with Engine() as engine:
         sup = await engine.supervisor(
             "app", strategy=Strategy.ONE_FOR_ONE, backoff=Backoff(initial=0.05)
@@ -85,8 +97,74 @@ async def main() -> None:
                 f"restarts={stats.restarts} peak_depth={stats.peak_depth}"
             )
         print("5. leaving the engine: drain, then on_stop in reverse start order")
+
+
+def place(order: str, amount: int) -> Any:
+    """A transact function: the order row and its event commit together, or neither."""
+
+    def write(tx: Transaction) -> None:
+        tx.db.table("orders").insert({"id": order, "amount": amount}, pk="id")
+        tx.publish(OrderPlaced(order=order, amount=amount))
+        if amount < 0:
+            raise ValueError(f"order {order}: amount must be >= 0")
+
+    return write
+
+
+def revenue(tx: Transaction, event: OrderPlaced) -> None:
+    """A projection: runs in the transaction that moves its position (exactly once)."""
+    tx.conn.execute(
+        "INSERT INTO revenue (day, total) VALUES ('today', ?) "
+        "ON CONFLICT (day) DO UPDATE SET total = total + excluded.total",
+        (event.amount,),
+    )
+
+
+async def durable(database: Path) -> None:
+    mailed: list[str] = []
+
+    async def mailer(event: OrderPlaced) -> None:
+        mailed.append(event.order)
+
+    for run in (1, 2):
+        async with Engine(database) as engine:
+            engine.subscribe(OrderPlaced, handler=mailer, name="mailer")
+            engine.project(OrderPlaced, projector=revenue, name="revenue")
+            if run == 1:
+                await engine.transact(
+                    lambda tx: tx.conn.execute(
+                        "CREATE TABLE IF NOT EXISTS revenue (day TEXT PRIMARY KEY, total INTEGER)"
+                    )
+                )
+                for order, amount in [("o-1", 30), ("o-2", 12), ("o-3", -5)]:
+                    try:
+                        await engine.transact(place(order, amount))
+                    except ValueError as exc:
+                        print(f"   rolled back: {exc} (no row, no event)")
+            else:
+                await engine.transact(place("o-4", 8))
+        print(f"   run {run}: the mailer got {mailed}")
+        mailed.clear()
+    async with Engine(database) as engine:
+        total = await engine.transact(
+            lambda tx: tx.conn.execute("SELECT total FROM revenue").fetchone()[0]
+        )
+        rows = await engine.transact(lambda tx: tx.db.table("orders").count)
+    print(f"   {rows} orders, revenue {total}: each event applied once")
+
+
+async def main() -> None:
+    await actors()
+    print("6. durable events on SQLite: transact, a subscription and a projection")
+    if len(sys.argv) > 2:
+        await durable(Path(sys.argv[2]))  # checked to be new before anything ran
+    else:
+        with tempfile.TemporaryDirectory() as directory:
+            await durable(Path(directory) / "quickstart.db")
     print("done")
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and Path(sys.argv[2]).exists():
+        sys.exit(f"quickstart writes a new database; {sys.argv[2]} exists already")
     anyio.run(main, backend=sys.argv[1] if len(sys.argv) > 1 else "asyncio")
