@@ -277,6 +277,9 @@ class Store:
         try:
             ensure_schema(writer)
             reader = connect(self.path, durability=self.durability)
+        except sqlite3.Error as exc:
+            writer.close()
+            raise StorageError(f"cannot open database {self.path!r}: {exc}") from exc
         except BaseException:
             writer.close()
             raise
