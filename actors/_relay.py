@@ -262,6 +262,8 @@ class RelayState:
         while tail and tail[0][0] <= self.cursor:
             tail.popleft()
             self.tail_from = self.cursor
+        if not tail and self.head > self.cursor:
+            return None  # committed elsewhere (another process): read it
         return list(tail)
 
 

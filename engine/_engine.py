@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -452,11 +453,14 @@ class Engine:
         assert state is not None
         polled = anyio.current_time()
         with scope:
+            previous: Request | None = None
             while True:
                 await anyio.sleep(CHECKPOINT_INTERVAL)
-                request = checkpoint(self)
-                if request is not None and not self._terminating:
-                    store.submit(request, bounded=False)
+                # One checkpoint at a time: a stalled writer must not pile them up.
+                if previous is None or previous.taken:
+                    previous = checkpoint(self)
+                    if previous is not None and not self._terminating:
+                        store.submit(previous, bounded=False)
                 if anyio.current_time() - polled >= POLL_INTERVAL:
                     polled = anyio.current_time()
                     head, replays = await store.read(_poll)
@@ -513,7 +517,7 @@ class Engine:
         try:
             if not self._terminating:
                 await catch_up(self, tracker)
-        except EngineError:
+        except (EngineError, sqlite3.Error):
             if not self._terminating:
                 raise
             # Stopped while catching up: the next run resumes from the positions.

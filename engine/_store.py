@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import anyio
 import msgspec
@@ -80,12 +81,9 @@ CREATE INDEX IF NOT EXISTS dead_letters_subscriber ON dead_letters (subscriber);
 _INSERT_OUTBOX: Final = (
     "INSERT INTO outbox (id, type, tenant_id, payload, created_at) VALUES (?, ?, ?, ?, ?)"
 )
-# Distinct texts for the engine's own transaction control: a user's COMMIT is
-# then never a cached, already-authorised statement (see _authorize).
-_BEGIN: Final = "BEGIN IMMEDIATE /* actorbus */"
-_COMMIT: Final = "COMMIT /* actorbus */"
-_ROLLBACK: Final = "ROLLBACK /* actorbus */"
-_SAVEPOINT: Final = "actorbus_call"
+_BEGIN: Final = "BEGIN IMMEDIATE"
+_COMMIT: Final = "COMMIT"
+_ROLLBACK: Final = "ROLLBACK"
 
 Durability = Literal["full", "normal"]
 
@@ -134,7 +132,13 @@ def last_seq(conn: sqlite3.Connection) -> int:
     return max(int(row[0]) if row else 0, int(last))
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
+def ensure_schema(
+    conn: sqlite3.Connection,
+    *,
+    begin: str = _BEGIN,
+    commit: str = _COMMIT,
+    rollback: str = _ROLLBACK,
+) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StorageError(
@@ -143,16 +147,16 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         )
     if version == SCHEMA_VERSION:
         return
-    conn.execute(_BEGIN)
+    conn.execute(begin)
     try:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute(_COMMIT)
+        conn.execute(commit)
     except BaseException:
         if conn.in_transaction:
-            conn.execute(_ROLLBACK)
+            conn.execute(rollback)
         raise
 
 
@@ -164,10 +168,12 @@ class Transaction:
     Committing or rolling back from inside is refused.
     """
 
-    __slots__ = ("_events", "conn", "db")
+    __slots__ = ("_events", "_raw", "conn", "db")
 
-    def __init__(self, conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
-        self.conn = conn
+    def __init__(self, raw: sqlite3.Connection, conn: Any, db: sqlite_utils.Database) -> None:
+        self._raw = raw
+        self.conn: sqlite3.Connection = conn
+        """The connection (guarded: it refuses statements once the transaction ended)."""
         self.db = db
         self._events: list[tuple[int, Event]] = []
 
@@ -179,8 +185,11 @@ class Transaction:
         return self._append(event)
 
     def _append(self, event: Event) -> int:
+        raw = self._raw
+        if not raw.in_transaction:
+            raise _ended()
         tenant = event.tenant_id
-        cursor = self.conn.execute(
+        cursor = raw.execute(
             _INSERT_OUTBOX,
             (
                 str(event.id),
@@ -194,6 +203,78 @@ class Transaction:
         assert seq is not None
         self._events.append((seq, event))
         return seq
+
+
+def _ended() -> TransactionEnded:
+    return TransactionEnded(
+        "the transaction already ended inside this transact function (a statement destroyed "
+        "it); no further statement runs"
+    )
+
+
+class _GuardedConnection:
+    """The writer connection as a transact function sees it.
+
+    Once a statement destroyed the transaction (a RAISE(ROLLBACK) trigger, an
+    I/O error), SQLite would run the function's next statements in autocommit
+    mode, each committed on its own; while a function runs this refuses them.
+    """
+
+    __slots__ = ("_conn", "_store")
+
+    def __init__(self, conn: sqlite3.Connection, store: Store) -> None:
+        self._conn = conn
+        self._store = store
+
+    def _check(self) -> None:
+        if self._store._guarded and not self._conn.in_transaction:
+            raise _ended()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self._check()
+        return self._conn.execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        self._check()
+        return self._conn.executemany(sql, parameters)
+
+    def executescript(self, script: str, /) -> sqlite3.Cursor:
+        if self._store._guarded:
+            raise TransactionControlRefused(
+                "executescript commits first, so a transact function may not use it; "
+                "run the statements one by one with execute"
+            )
+        return self._conn.executescript(script)
+
+    def cursor(self) -> _GuardedCursor:
+        return _GuardedCursor(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+class _GuardedCursor:
+    __slots__ = ("_cursor", "_guard")
+
+    def __init__(self, guard: _GuardedConnection) -> None:
+        self._guard = guard
+        self._cursor = guard._conn.cursor()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _GuardedCursor:
+        self._guard._check()
+        self._cursor.execute(sql, parameters)
+        return self
+
+    def executemany(self, sql: str, parameters: Any, /) -> _GuardedCursor:
+        self._guard._check()
+        self._cursor.executemany(sql, parameters)
+        return self
+
+    def __iter__(self) -> Any:
+        return iter(self._cursor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
 
 
 class Request:
@@ -246,6 +327,16 @@ class Store:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._db: sqlite_utils.Database | None = None
+        self._guarded_conn: _GuardedConnection | None = None
+        token = secrets.token_hex(8)
+        # Names only this store knows. sqlite3 caches prepared statements by
+        # their text and the authorizer runs only when one is prepared: a
+        # function's COMMIT or RELEASE must never reuse the engine's own,
+        # already authorised statement.
+        self._savepoint = f"actorbus_{token}"
+        self._begin = f"BEGIN IMMEDIATE /* {token} */"
+        self._commit = f"COMMIT /* {token} */"
+        self._rollback = f"ROLLBACK /* {token} */"
         self._write_limiter = anyio.CapacityLimiter(1)
         self._read_limiter = anyio.CapacityLimiter(1)
         self._batch = _Batch()
@@ -275,7 +366,7 @@ class Store:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {self.path!r}: {exc}") from exc
         try:
-            ensure_schema(writer)
+            ensure_schema(writer, begin=self._begin, commit=self._commit, rollback=self._rollback)
             reader = connect(self.path, durability=self.durability)
         except sqlite3.Error as exc:
             writer.close()
@@ -286,7 +377,9 @@ class Store:
         writer.set_authorizer(self._authorize)
         self._writer = writer
         self._reader = reader
-        self._db = sqlite_utils.Database(writer)
+        guarded = _GuardedConnection(writer, self)
+        self._guarded_conn = guarded
+        self._db = sqlite_utils.Database(cast(sqlite3.Connection, guarded))
         return last_seq(writer)
 
     async def close(self) -> None:
@@ -321,7 +414,7 @@ class Store:
                     # Not cancellable: the thread runs to the end of its COMMIT.
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(
-                            self._commit, requests, limiter=self._write_limiter
+                            self._write_batch, requests, limiter=self._write_limiter
                         )
                 self._finish(batch, requests)
         finally:
@@ -333,7 +426,11 @@ class Store:
                 if self._pending:
                     self._pending = 0
                     self.on_idle()
-                await anyio.to_thread.run_sync(self._close_connections, limiter=self._write_limiter)
+                # A read still running in its thread finishes before its connection closes.
+                async with self._read_limiter:
+                    await anyio.to_thread.run_sync(
+                        self._close_connections, limiter=self._write_limiter
+                    )
 
     def _finish(self, batch: _Batch, requests: list[Request]) -> None:
         committed: list[tuple[int, Event]] = []
@@ -405,13 +502,13 @@ class Store:
         # commit or discard the other callers' work in the batch behind their backs.
         if self._guarded and (
             action == sqlite3.SQLITE_TRANSACTION
-            or (action == sqlite3.SQLITE_SAVEPOINT and arg2 == _SAVEPOINT)
+            or (action == sqlite3.SQLITE_SAVEPOINT and arg2 == self._savepoint)
         ):
             self._denied = True
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
-    def _commit(self, requests: list[Request]) -> None:
+    def _write_batch(self, requests: list[Request]) -> None:
         """Run ``requests`` in one transaction (the writer thread)."""
         while requests:
             requests = self._attempt(requests)
@@ -428,7 +525,7 @@ class Store:
         assert conn is not None
         assert db is not None
         try:
-            conn.execute(_BEGIN)
+            conn.execute(self._begin)
         except sqlite3.Error as exc:
             error = StorageError(f"cannot begin a write transaction on {self.path!r}: {exc}")
             error.__cause__ = exc
@@ -436,10 +533,11 @@ class Store:
                 request.error = error
             return []
         savepoints = len(requests) > 1
+        savepoint = self._savepoint
         for index, request in enumerate(requests):
-            tx = Transaction(conn, db)
+            tx = Transaction(conn, self._guarded_conn, db)
             if savepoints:
-                conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+                conn.execute(f"SAVEPOINT {savepoint}")
             self._guarded = True
             self._denied = False
             try:
@@ -480,20 +578,20 @@ class Store:
                 return earlier + requests[index + 1 :]
             if request.error is not None:
                 if savepoints:
-                    conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
-                    conn.execute(f"RELEASE {_SAVEPOINT}")
+                    conn.execute(f"ROLLBACK TO {savepoint}")
+                    conn.execute(f"RELEASE {savepoint}")
                 else:
-                    conn.execute(_ROLLBACK)
+                    conn.execute(self._rollback)
                     return requests[index + 1 :]  # a batch of one: nothing else to keep
                 continue
             request.events = tx._events
             if savepoints:
-                conn.execute(f"RELEASE {_SAVEPOINT}")
+                conn.execute(f"RELEASE {savepoint}")
         try:
-            conn.execute(_COMMIT)
+            conn.execute(self._commit)
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute(_ROLLBACK)
+                conn.execute(self._rollback)
             error = StorageError(f"cannot commit on {self.path!r}: {exc}")
             error.__cause__ = exc
             for request in requests:
