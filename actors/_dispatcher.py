@@ -423,6 +423,11 @@ class Dispatcher(Actor):
         seq = message.seq
         assert seq is not None
         engine = self._actorbus_cell.engine if self._actorbus_cell is not None else None
+        if event is None:  # an outbox row the relay dead-lettered: only the position moves
+            message.done()
+            if engine is not None and seq > engine._dispatched:
+                engine._dispatched = seq
+            return
         subscriptions = tuple(
             s for s in self.router.route(type(event)) if s.tracker is None or seq > s.tracker.cursor
         )

@@ -298,8 +298,8 @@ class Relay(Actor):
                             seq=row.seq,
                             event_type=row.type,
                         )
-                        state.cursor = row.seq
-                        continue
+                    # Even an undecodable row goes through the dispatcher (as a
+                    # marker), so the live subscriptions' positions pass it in order.
                     await self._dispatch(controller, row.seq, row.event)
                 continue
             if not events:
@@ -309,13 +309,13 @@ class Relay(Actor):
                     return
                 await self._dispatch(controller, seq, event)
 
-    async def _dispatch(self, controller: Any, seq: int, event: Event) -> None:
+    async def _dispatch(self, controller: Any, seq: int, event: Event | None) -> None:
         state = self.state
         if seq <= state.cursor:
             return
         if not controller.try_acquire():
             await controller.acquire(None)
-        self.engine._dispatch(Delivery(event, controller, seq=seq))
+        self.engine._dispatch(Delivery(event, controller, seq=seq))  # type: ignore[arg-type]
         state.cursor = seq
 
 
@@ -399,12 +399,14 @@ def run_projector(
     """Run ``projector`` under a savepoint, up to ``attempts`` times; the last error or None."""
     conn = tx.conn
     error: Exception | None = None
+    published = len(tx._events)
     for _ in range(attempts):
         conn.execute("SAVEPOINT actorbus_projection")
         try:
             projector(tx, event)
         except Exception as exc:
             error = exc
+            del tx._events[published:]  # what it published rolls back with it
             if conn.in_transaction:
                 conn.execute("ROLLBACK TO actorbus_projection")
                 conn.execute("RELEASE actorbus_projection")

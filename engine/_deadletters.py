@@ -227,14 +227,24 @@ class DeadLetters:
     async def forget(self, dead_letter_id: int) -> None:
         """Delete one stored dead letter (after its replay)."""
         store = self._store
-        if store is not None:
-            await store.call(
-                lambda tx: tx.conn.execute(
-                    "DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,)
-                )
-            )
-            self._count = max(0, self._count - 1)
         self._entries.pop(dead_letter_id, None)
+        if store is None:
+            return
+        await store.call(
+            lambda tx: tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+        )
+        self._count = max(0, self._count - 1)
+        if self._count > len(self._entries) < self._max_entries:
+            # Stored letters beyond the mirror move up into it (list() shows the oldest).
+            rows = await store.read(lambda conn: read_rows(conn, limit=self._max_entries))
+            newest = rows[-1].id if rows else 0
+            merged = {letter.id: letter for letter in rows}
+            for letter in self._entries.values():
+                if letter.id > newest:
+                    merged[letter.id] = letter  # recorded, its row not yet committed
+            self._entries = collections.OrderedDict(
+                itertools.islice(sorted(merged.items()), self._max_entries)
+            )
 
     def purge(self) -> int:
         """Delete every stored dead letter; returns how many there were."""

@@ -360,6 +360,18 @@ class Engine:
                 raise EngineError(
                     f"cannot replay dead letter {letter.id}: its event does not decode ({exc})"
                 ) from exc
+        if letter.actor == RELAY and letter.seq is not None:
+            # The relay could not decode it then: to every live subscription now.
+            try:
+                event = decode(message)
+            except Exception as exc:
+                raise EngineError(
+                    f"cannot replay dead letter {letter.id}: its event does not decode ({exc})"
+                ) from exc
+            self._check_publishing()
+            await self._controller.acquire(None)
+            self._dispatch(self._delivery(event, self._controller))
+            return
         if subscription is not None and isinstance(message, Event):
             self._check_publishing()
             if subscription.projector is not None:

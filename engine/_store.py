@@ -226,16 +226,23 @@ class _GuardedConnection:
         self._conn = conn
         self._store = store
 
-    def _check(self) -> None:
-        if self._store._guarded and not self._conn.in_transaction:
-            raise _ended()
+    def _check(self, sql: str) -> None:
+        store = self._store
+        if store._guarded:
+            if not self._conn.in_transaction:
+                raise _ended()
+            if isinstance(sql, str) and store._token in sql:
+                # The authorizer cannot catch a cached copy of the engine's own statement.
+                raise TransactionControlRefused(
+                    "a transact function may not use the engine's own savepoint or transaction"
+                )
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        self._check()
+        self._check(sql)
         return self._conn.execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        self._check()
+        self._check(sql)
         return self._conn.executemany(sql, parameters)
 
     def executescript(self, script: str, /) -> sqlite3.Cursor:
@@ -261,12 +268,12 @@ class _GuardedCursor:
         self._cursor = guard._conn.cursor()
 
     def execute(self, sql: str, parameters: Any = (), /) -> _GuardedCursor:
-        self._guard._check()
+        self._guard._check(sql)
         self._cursor.execute(sql, parameters)
         return self
 
     def executemany(self, sql: str, parameters: Any, /) -> _GuardedCursor:
-        self._guard._check()
+        self._guard._check(sql)
         self._cursor.executemany(sql, parameters)
         return self
 
@@ -329,6 +336,7 @@ class Store:
         self._db: sqlite_utils.Database | None = None
         self._guarded_conn: _GuardedConnection | None = None
         token = secrets.token_hex(8)
+        self._token = token
         # Names only this store knows. sqlite3 caches prepared statements by
         # their text and the authorizer runs only when one is prepared: a
         # function's COMMIT or RELEASE must never reuse the engine's own,
@@ -474,7 +482,12 @@ class Store:
         return batch
 
     async def call(self, fn: Callable[[Transaction], Any]) -> Any:
-        """Run ``fn(tx)`` in the next group commit; return its result after the COMMIT."""
+        """Run ``fn(tx)`` in the next group commit; return its result after the COMMIT.
+
+        Cancelled before the writer took it, it never runs. Once taken it cannot
+        be undone: the cancellation waits for the COMMIT and is raised after it.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
         request = Request(fn)
         while True:
             batch = self.submit(request)
@@ -487,8 +500,10 @@ class Store:
             await batch.done.wait()
         except BaseException:
             if not request.taken:
-                # Cancelled before the writer took it: it never runs.
                 request.cancelled = True
+            else:
+                with anyio.CancelScope(shield=True):
+                    await batch.done.wait()
             raise
         if request.error is not None:
             raise request.error
@@ -643,12 +658,15 @@ def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[Outbox
     ).fetchall()
     out: list[OutboxRow] = []
     for seq, type_, payload in rows:
+        # Another tool may have stored text (or worse): it is dead-lettered, not fatal.
+        if not isinstance(payload, bytes):
+            payload = str(payload).encode("utf-8", "surrogateescape")
         try:
             event: Event | None = decode(payload)
             error: BaseException | None = None
         except Exception as exc:
             event, error = None, exc
-        out.append(OutboxRow(seq, type_, bytes(payload), event, error))
+        out.append(OutboxRow(seq, str(type_), payload, event, error))
     return out
 
 
