@@ -16,7 +16,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final, Literal, cast
 
 import anyio
@@ -382,6 +382,9 @@ class Store:
         except BaseException:
             writer.close()
             raise
+        # Foreign keys are enforced (SQLite's default is off); a deferred one
+        # is checked at COMMIT, where a violation fails only the call behind it.
+        writer.execute("PRAGMA foreign_keys=ON")
         writer.set_authorizer(self._authorize)
         self._writer = writer
         self._reader = reader
@@ -607,15 +610,30 @@ class Store:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute(self._rollback)
-            error = StorageError(f"cannot commit on {self.path!r}: {exc}")
-            error.__cause__ = exc
-            for request in requests:
-                if request.error is None:
-                    request.error = error
+            runnable = [r for r in requests if r.error is None]
+            if len(requests) > 1 and isinstance(exc, sqlite3.IntegrityError):
+                # A deferred constraint failed at COMMIT: find whose work broke
+                # it by committing each call on its own.
+                for request in runnable:
+                    request.result = None
                     request.events = []
+                    self._commit_alone(request)
+                return []
+            failure: BaseException = exc
+            if not isinstance(exc, sqlite3.IntegrityError):
+                failure = StorageError(f"cannot commit on {self.path!r}: {exc}")
+                failure.__cause__ = exc
+            for request in runnable:
+                request.error = failure
+                request.result = None
+                request.events = []
             return []
         self.batches += 1
         return []
+
+    def _commit_alone(self, request: Request) -> None:
+        rest = self._attempt([request])
+        assert not rest  # a batch of one has nothing to run again
 
     # ------------------------------------------------------------- reading
 
@@ -668,17 +686,6 @@ def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[Outbox
             event, error = None, exc
         out.append(OutboxRow(seq, str(type_), payload, event, error))
     return out
-
-
-def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def parse_age(text: str) -> float:

@@ -1502,3 +1502,43 @@ async def test_metrics_report_the_outbox_head_and_lag_per_subscription(path: str
         metrics = memory.metrics()
         assert metrics.outbox_head == 0
         assert metrics.lag == {}
+
+
+async def test_a_deferred_constraint_failing_at_commit_fails_only_its_own_call(path: str) -> None:
+    received: list[Item] = []
+    outcomes: dict[int, str] = {}
+
+    def schema(tx: Transaction) -> None:
+        tx.conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        tx.conn.execute(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent (id) "
+            "DEFERRABLE INITIALLY DEFERRED)"
+        )
+        tx.conn.execute("INSERT INTO parent VALUES (1)")
+
+    def child(n: int, parent: int) -> Callable[[Transaction], None]:
+        def fn(tx: Transaction) -> None:
+            tx.conn.execute("INSERT INTO child (parent) VALUES (?)", (parent,))
+            tx.publish(Item(n=n))
+
+        return fn
+
+    async def call(engine: Engine, n: int) -> None:
+        try:
+            await engine.transact(child(n, 99 if n == 3 else 1))  # the foreign key is enforced
+        except sqlite3.IntegrityError as exc:
+            outcomes[n] = str(exc)
+        else:
+            outcomes[n] = "ok"
+
+    async with Engine(path) as engine:
+        engine.subscribe(Item, handler=recorder(received), name="s")
+        await engine.transact(schema)
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(call, engine, n)
+        await until(lambda: len(received) == 7, "the committed events are delivered")
+    assert outcomes == {n: "FOREIGN KEY constraint failed" if n == 3 else "ok" for n in range(8)}
+    assert query(path, "SELECT count(*) FROM child") == [(7,)]
+    assert sorted(numbers(received)) == [0, 1, 2, 4, 5, 6, 7]
+    assert ids(received) == outbox_ids(path)
