@@ -419,13 +419,21 @@ class Dispatcher(Actor):
         A subscription that just caught up from the outbox may already have
         handled an event still queued here; its tracker's cursor says so.
         """
+        cell = self._actorbus_cell
+        assert cell is not None
+        engine = cell.engine
+        try:
+            await self._route_outbox_event(message, engine)
+        finally:
+            engine._routing -= 1
+
+    async def _route_outbox_event(self, message: Delivery, engine: Engine) -> None:
         event = message.event
         seq = message.seq
         assert seq is not None
-        engine = self._actorbus_cell.engine if self._actorbus_cell is not None else None
         if event is None:  # an outbox row the relay dead-lettered: only the position moves
             message.done()
-            if engine is not None and seq > engine._dispatched:
+            if seq > engine._dispatched:
                 engine._dispatched = seq
             return
         subscriptions = tuple(
@@ -440,5 +448,5 @@ class Dispatcher(Actor):
                     subscription.tracker.cursor = seq
                 message.undelivered = subscriptions[index:]
                 await subscription.deliver(message)
-        if engine is not None and seq > engine._dispatched:
+        if seq > engine._dispatched:
             engine._dispatched = seq

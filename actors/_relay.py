@@ -313,9 +313,22 @@ class Relay(Actor):
         state = self.state
         if seq <= state.cursor:
             return
+        engine = self.engine
+        if event is not None and not engine._routing and not engine._router.route(type(event)):
+            # No live subscription takes it and nothing before it waits to be
+            # routed: the live positions pass it at once, without a slot.
+            if seq > engine._dispatched:
+                engine._dispatched = seq
+            state.cursor = seq
+            return
         if not controller.try_acquire():
             await controller.acquire(None)
-        self.engine._dispatch(Delivery(event, controller, seq=seq))  # type: ignore[arg-type]
+        engine._routing += 1
+        try:
+            engine._dispatch(Delivery(event, controller, seq=seq))  # type: ignore[arg-type]
+        except BaseException:
+            engine._routing -= 1
+            raise
         state.cursor = seq
 
 

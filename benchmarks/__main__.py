@@ -20,6 +20,7 @@ from ._harness import (
     EVENTS_N,
     REPEATS,
     events_available,
+    format_disk,
     format_figures,
     format_results,
     machine,
@@ -29,7 +30,7 @@ from ._harness import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
-# A child that runs this long is stuck, not slow: the full run takes about 2.5 minutes.
+# A child that runs this long is stuck, not slow: the longest child takes well under a minute.
 CHILD_TIMEOUT = 600.0
 
 
@@ -124,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if results:
         print(format_results(results))
+        disk = format_disk(results)
+        if disk is not None:
+            # The durable figures are only as fast as this disk: print it beside them.
+            print()
+            print("Disk under each durable scenario's temp directory (os.write + os.fsync):")
+            print(disk)
     if figures:
         if results:
             print()

@@ -58,18 +58,47 @@ class Scenario:
     """The issue's target for ours / limit; None where the issue sets none."""
     n: dict[str, int]
     """N per repetition for each mode: full, quick, smoke."""
+    absolute: bool = False
+    """The target is on ours itself, in ``unit`` (like "p99 < 10 ms"), not on ours / limit."""
 
     @property
     def target_text(self) -> str:
-        if self.target is None:
-            return "-"
-        return f"{'>=' if self.higher_is_better else '<='} {self.target:g}"
+        return target_text(
+            self.target,
+            higher_is_better=self.higher_is_better,
+            unit=self.unit if self.absolute else None,
+        )
 
-    def met(self, ratio: float) -> bool | None:
-        """Whether ``ratio`` meets the target; None when there is no target."""
-        if self.target is None:
-            return None
-        return ratio >= self.target if self.higher_is_better else ratio <= self.target
+    def met(self, ratio: float, ours: float | None = None) -> bool | None:
+        """Whether the result meets the target; None when there is no target.
+
+        ``ratio`` is ours / limit; an absolute target judges ``ours`` instead.
+        """
+        if self.absolute:
+            if ours is None:
+                raise ValueError(f"{self.name}: an absolute target judges ours, pass it")
+            return meets(ours, self.target, higher_is_better=self.higher_is_better, absolute=True)
+        return meets(ratio, self.target, higher_is_better=self.higher_is_better)
+
+
+def target_text(target: float | None, *, higher_is_better: bool, unit: str | None = None) -> str:
+    """``">= 0.6"`` for a target on ours / limit, ``"< 10 ms"`` for one on ours in ``unit``."""
+    if target is None:
+        return "-"
+    if unit is not None:
+        return f"{'>=' if higher_is_better else '<'} {target:g} {unit}"
+    return f"{'>=' if higher_is_better else '<='} {target:g}"
+
+
+def meets(
+    value: float, target: float | None, *, higher_is_better: bool, absolute: bool = False
+) -> bool | None:
+    """Whether ``value`` meets ``target`` (None without one); an absolute upper bound is strict."""
+    if target is None:
+        return None
+    if higher_is_better:
+        return value >= target
+    return value < target if absolute else value <= target
 
 
 REPEATS = {"full": 9, "quick": 3, "smoke": 2}
@@ -79,8 +108,9 @@ def scenarios() -> dict[str, Scenario]:
     """Every scenario with a raw comparison, in the order they run."""
     from .scenario_actors import SCENARIOS as actors
     from .scenario_dispatch import SCENARIOS as dispatch
+    from .scenario_durable import SCENARIOS as durable
 
-    return {**actors, **dispatch}
+    return {**actors, **dispatch, **durable}
 
 
 # ---------------------------------------------------------------- statistics
@@ -168,7 +198,7 @@ def run_one(name: str, backend: str, n: int, repeats: int) -> dict[str, Any]:
         "limit": measured.limit,
         "ratio": ratio,
         "target": scenario.target_text,
-        "met": scenario.met(ratio),
+        "met": scenario.met(ratio, measured.ours),
         "extra": {
             "pair_ratio_min": min(measured.pair_ratios),
             "pair_ratio_max": max(measured.pair_ratios),
@@ -228,8 +258,9 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
                     row["unit"],
                     f"{row['ours'] / row['limit']:.2f}",
                     f"{row['pair_ratio_min']:.2f}-{row['pair_ratio_max']:.2f}",
-                    "-",
-                    "-",
+                    # A row may carry a target of its own (the durable scenarios' rows do).
+                    row.get("target", "-"),
+                    _met(row.get("met")),
                 )
             )
         label = extra.get("label", f"{name} (p50)" if "ours_p99" in extra else name)
@@ -262,6 +293,30 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
                 )
             )
     return _render(header, rows)
+
+
+def format_disk(results: Sequence[dict[str, Any]]) -> str | None:
+    """The fsync latency each durable scenario measured on its temp directory; None if none did."""
+    rows: list[tuple[str, ...]] = []
+    for result in results:
+        extra = result.get("extra", {})
+        if "fsync_ms" not in extra:
+            continue
+        rows.append(
+            (
+                result["scenario"],
+                result["backend"],
+                f"{extra['fsync_ms']:.3f} ms",
+                f"{extra['fsync_p99_ms']:.3f} ms",
+                str(extra["fsync_samples"]),
+                extra["temp_dir"],
+            )
+        )
+    if not rows:
+        return None
+    return _render(
+        ("scenario", "backend", "fsync median", "fsync p99", "samples", "directory"), rows
+    )
 
 
 def format_figures(figures: Sequence[dict[str, Any]]) -> str:

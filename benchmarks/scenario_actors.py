@@ -69,9 +69,16 @@ async def _settle() -> None:
 
 
 async def _alternate(
-    raw: Callable[[], Awaitable[_T]], ours: Callable[[], Awaitable[_T]], repeats: int
+    raw: Callable[[], Awaitable[_T]],
+    ours: Callable[[], Awaitable[_T]],
+    repeats: int,
+    *,
+    settle: Callable[[], Awaitable[None]] = _settle,
 ) -> tuple[list[_T], list[_T]]:
-    """Run ``repeats`` pairs, swapping the order in every other pair (raw-ours, ours-raw)."""
+    """Run ``repeats`` pairs, swapping the order in every other pair (raw-ours, ours-raw).
+
+    ``settle`` runs before each timed repetition (default: ``_settle``).
+    """
     # One untimed round first: lazy imports, first-call caches and heap growth
     # would otherwise land on whichever adapter runs first.
     await raw()
@@ -84,7 +91,7 @@ async def _alternate(
             # Collect now so a cycle left by the previous repetition is not
             # collected inside this one's timed section.
             gc.collect()
-            await _settle()
+            await settle()
             results.append(await adapter())
     return raw_results, ours_results
 

@@ -55,6 +55,11 @@ __all__ = ["Engine", "EngineMetrics"]
 RESERVED_PREFIX = "actorbus."
 DISPATCHER = RESERVED_PREFIX + "dispatcher"
 RELAY = RESERVED_PREFIX + "relay"
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_NOT_ASYNC = (
+    "transact runs a plain function `def fn(tx)` in the database thread, not a coroutine "
+    "function: got {fn!r}"
+)
 # How often positions are checkpointed, and the outbox is polled as a safety net.
 CHECKPOINT_INTERVAL = 0.1
 POLL_INTERVAL = 1.0
@@ -167,6 +172,8 @@ class Engine:
         self._no_slot = _NoSlot()
         # The highest outbox seq the dispatcher has routed to every live subscription.
         self._dispatched = 0
+        # Outbox deliveries handed to the dispatcher and not yet routed.
+        self._routing = 0
         # Set when the engine stops its actors: the relay and catch-up readers stop.
         self._terminating = False
         self._housekeeping: anyio.CancelScope | None = None
@@ -661,15 +668,18 @@ class Engine:
         with a savepoint each; this returns once the commit holding the work
         is durable. Needs a database (``EngineError`` otherwise).
         """
-        if not callable(fn):
+        code = getattr(fn, "__code__", None)
+        if code is not None:  # a plain function: the cheap check
+            if code.co_flags & _ASYNC_FLAGS:
+                raise TypeError(_NOT_ASYNC.format(fn=fn))
+        elif not callable(fn):
             raise TypeError(f"transact takes a function of the transaction, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):
-            raise TypeError(
-                "transact runs a plain function `def fn(tx)` in the database thread, "
-                f"not a coroutine function: got {fn!r}"
-            )
-        store = self._require_store("transact")
-        self._check_publishing()
+        elif inspect.iscoroutinefunction(fn):
+            raise TypeError(_NOT_ASYNC.format(fn=fn))
+        store = self._store
+        if store is None or not self._accepting:
+            store = self._require_store("transact")
+            self._check_publishing()
         result: _T = await store.call(fn)
         return result
 

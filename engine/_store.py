@@ -10,6 +10,7 @@ read while the writer writes).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -100,10 +101,18 @@ class TransactionControlRefused(EngineError):
     """A transact function tried to COMMIT, ROLLBACK or BEGIN the engine's transaction."""
 
 
+_tags: dict[type, str] = {}
+
+
 def event_tag(event: Event) -> str:
-    tag = type(event).__struct_config__.tag
-    assert isinstance(tag, str)
-    return tag
+    cls = type(event)
+    try:
+        return _tags[cls]
+    except KeyError:
+        tag = cls.__struct_config__.tag
+        assert isinstance(tag, str)
+        _tags[cls] = tag
+        return tag
 
 
 def connect(
@@ -168,10 +177,13 @@ class Transaction:
     Committing or rolling back from inside is refused.
     """
 
-    __slots__ = ("_events", "_raw", "conn", "db")
+    __slots__ = ("_events", "_now", "_raw", "conn", "db")
 
-    def __init__(self, raw: sqlite3.Connection, conn: Any, db: sqlite_utils.Database) -> None:
+    def __init__(
+        self, raw: sqlite3.Connection, conn: Any, db: sqlite_utils.Database, now: float
+    ) -> None:
         self._raw = raw
+        self._now = now  # one clock read per batch: the outbox's created_at
         self.conn: sqlite3.Connection = conn
         """The connection (guarded: it refuses statements once the transaction ended)."""
         self.db = db
@@ -193,10 +205,10 @@ class Transaction:
             _INSERT_OUTBOX,
             (
                 str(event.id),
-                event_tag(event),
+                _tags.get(type(event)) or event_tag(event),
                 None if tenant is None else str(tenant),
                 encode(event),
-                time.time(),
+                self._now,
             ),
         )
         seq = cursor.lastrowid
@@ -342,6 +354,11 @@ class Store:
         # function's COMMIT or RELEASE must never reuse the engine's own,
         # already authorised statement.
         self._savepoint = f"actorbus_{token}"
+        self._savepoint_sql = (
+            f"SAVEPOINT {self._savepoint}",
+            f"RELEASE {self._savepoint}",
+            f"ROLLBACK TO {self._savepoint}",
+        )
         self._begin = f"BEGIN IMMEDIATE /* {token} */"
         self._commit = f"COMMIT /* {token} */"
         self._rollback = f"ROLLBACK /* {token} */"
@@ -551,15 +568,25 @@ class Store:
                 request.error = error
             return []
         savepoints = len(requests) > 1
-        savepoint = self._savepoint
+        guarded = self._guarded_conn
+        now = time.time()
+        begin_call, release_call, undo_call = self._savepoint_sql
         for index, request in enumerate(requests):
-            tx = Transaction(conn, self._guarded_conn, db)
+            tx = Transaction(conn, guarded, db, now)
             if savepoints:
-                conn.execute(f"SAVEPOINT {savepoint}")
+                conn.execute(begin_call)
             self._guarded = True
             self._denied = False
             try:
-                request.result = request.fn(tx)
+                result = request.fn(tx)
+                if result is not None and inspect.isawaitable(result):  # an async callable
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    raise TypeError(
+                        "transact runs a plain function in the database thread; "
+                        f"{request.fn!r} returned an awaitable"
+                    )
+                request.result = result
             except BaseException as exc:
                 request.error = exc
             finally:
@@ -596,15 +623,15 @@ class Store:
                 return earlier + requests[index + 1 :]
             if request.error is not None:
                 if savepoints:
-                    conn.execute(f"ROLLBACK TO {savepoint}")
-                    conn.execute(f"RELEASE {savepoint}")
+                    conn.execute(undo_call)
+                    conn.execute(release_call)
                 else:
                     conn.execute(self._rollback)
                     return requests[index + 1 :]  # a batch of one: nothing else to keep
                 continue
             request.events = tx._events
             if savepoints:
-                conn.execute(f"RELEASE {savepoint}")
+                conn.execute(release_call)
         try:
             conn.execute(self._commit)
         except sqlite3.Error as exc:

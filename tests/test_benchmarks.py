@@ -23,6 +23,10 @@ SCENARIOS = {
     "fanout_8",
     "partitions_4",
     "fanout_scale",
+    "durable_transact_full",
+    "durable_transact_normal",
+    "durable_commit_to_handler_full",
+    "durable_commit_to_handler_normal",
 }
 
 
@@ -80,6 +84,37 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
         assert [row["subscriptions"] for row in rows] == [8, 100, 1000]
         assert all(row["ours"] > 0 and row["limit"] > 0 for row in rows)
         assert "fanout_scale @1000" in done.stdout
+    for durable in (r for r in results if r["scenario"].startswith("durable_")):
+        extra = durable["extra"]
+        durability = extra["durability"]
+        assert durable["scenario"].endswith(durability)
+        # The disk the figures depend on is measured beside them.
+        assert extra["fsync_ms"] > 0
+        assert extra["fsync_p99_ms"] >= extra["fsync_ms"]
+        assert extra["fsync_samples"] > 0
+        assert all(row["ours"] > 0 and row["limit"] > 0 for row in extra["rows"])
+        if durable["scenario"].startswith("durable_transact_"):
+            assert durable["unit"] == "events/s"
+            assert durable["target"] == {"full": ">= 8", "normal": ">= 4"}[durability]
+            single, group = extra["rows"]
+            assert single["label"].startswith("transact_1 vs raw batch 1")
+            assert (single["target"], single["met"]) == ("-", None)
+            assert group["label"].startswith("transact_100 vs raw batch")
+            assert group["target"] == ">= 0.6"
+            assert isinstance(group["met"], bool)
+            assert extra["batch_size"] >= 1
+            assert extra["events_100"] % extra["writers"] == 0
+        else:
+            assert durable["unit"] == "ms"
+            # An absolute target: on ours' p99 itself, not on the ratio.
+            assert durable["target"] == "< 10 ms"
+            assert durable["met"] == (durable["ours"] < 10)
+            assert durable["ours"] == extra["p99_ours"]
+            assert [row["label"] for row in extra["rows"]] == [
+                f"commit_to_handler p50 ({durability})"
+            ]
+    assert "transact_100 / transact_1 (full)" in done.stdout
+    assert "fsync median" in done.stdout
     for entry in document["figures"]:
         assert entry["scenario"] == "events"
         assert all(isinstance(value, float) for value in entry["figures"].values())

@@ -1,0 +1,569 @@
+"""Durable writes against their raw limit: sqlite3 on its own, with the engine's pragmas.
+
+Ours writes through ``await engine.transact(fn)``: ``fn`` inserts one row into a
+domain table and ``tx.publish``-es one small event, in the engine's writer
+thread; concurrent calls share one SQLite transaction (group commit, a
+SAVEPOINT each), and each call returns once the COMMIT holding its work is
+durable. Raw is what the same work costs sqlite3 alone: one connection with
+the same pragmas (WAL, ``synchronous`` FULL or NORMAL) and the same table
+shapes, in one plain thread loop of ``BEGIN IMMEDIATE``, B x (domain insert +
+outbox insert of the encoded event), ``COMMIT``, at the batch size B our group
+commit reached. Raw does not validate the event; ours does on every publish.
+
+Every adapter writes to a fresh SQLite file in a temporary directory (set
+``TMPDIR`` to measure another disk); the fsync latency of that directory's
+disk is measured first and reported with the figures, because the durable
+figures and ratios depend on it.
+
+The throughput scenarios have no subscription: the relay still hands every
+committed event to the dispatcher, which is part of what ours costs. The
+latency scenario adds one durable subscription with an async handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from engine import Engine
+from engine._store import Store, Transaction
+from engine.events import Event
+
+from ._harness import Measurement, Scenario, median, meets, percentile, target_text
+from .scenario_actors import _alternate, _now, _Probe, _settle, _throughput
+
+Durability = Literal["full", "normal"]
+
+WRITERS = 100
+"""Concurrent writer tasks of transact_100."""
+TRANSACT_1_SHARE = 10
+"""transact_1 writes N / 10 events per repetition: one writer is well over ten times slower."""
+SCALING_TARGET: dict[Durability, float] = {"full": 8.0, "normal": 4.0}
+"""transact_100 / transact_1, events/s: group commit must pay off (a fsync per batch)."""
+VERSUS_RAW_TARGET = 0.6
+"""transact_100 / raw sqlite3 at the same batch size."""
+RATE = 1000.0
+"""Events per second published by the latency scenario's writer."""
+P99_TARGET_MS = 10.0
+FSYNC_SAMPLES = 200
+LATENCY_TIMEOUT = 60.0
+"""Seconds a latency repetition may wait for its last delivery before it fails."""
+SETTLE_LIMIT = 0.25
+"""Seconds ``_settle_durable`` waits for every task to block before it goes on anyway."""
+
+
+class Written(Event, tag="bench.written"):
+    """The benchmark's event: the envelope plus one integer (its index in the repetition)."""
+
+    n: int
+
+
+_TAG = "bench.written"
+
+_DOMAIN = (
+    "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "n INTEGER NOT NULL, amount INTEGER NOT NULL, created_at REAL NOT NULL)"
+)
+_INSERT_DOMAIN = "INSERT INTO orders (n, amount, created_at) VALUES (?, ?, ?)"
+# The engine's outbox, column for column, with its index (see engine/_store.py).
+_OUTBOX = (
+    "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "id TEXT NOT NULL UNIQUE, type TEXT NOT NULL, tenant_id TEXT, payload BLOB NOT NULL, "
+    "created_at REAL NOT NULL)"
+)
+_OUTBOX_INDEX = "CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at)"
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (id, type, tenant_id, payload, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _events(count: int) -> list[Written]:
+    """``count`` fresh events (every id is new: the outbox's ``id`` is UNIQUE)."""
+    return [Written(n=i) for i in range(count)]
+
+
+async def _settle_durable() -> None:
+    """``_settle``, bounded: an engine with a database never quite settles on asyncio.
+
+    Its housekeeping task wakes every 0.1 s, and anyio's ``wait_all_tasks_blocked``
+    on asyncio polls every 0.1 s for a task that is not waiting: the two fall into
+    step (each poll finds the housekeeping's timer just fired) and the wait never
+    returns. Without this bound about one asyncio run in four hung here.
+    """
+    with anyio.move_on_after(SETTLE_LIMIT):
+        await _settle()
+
+
+# --------------------------------------------------------------------- disk
+
+
+def fsync_latency(directory: str, samples: int) -> dict[str, Any]:
+    """os.write of 64 bytes + os.fsync on a file in ``directory``: median and p99 in ms."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    timings: list[float] = []
+    try:
+        block = b"x" * 64
+        for _ in range(samples):
+            start = _now()
+            os.write(fd, block)
+            os.fsync(fd)
+            timings.append((_now() - start) * 1e3)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {
+        "fsync_ms": median(timings),
+        "fsync_p99_ms": percentile(timings, 99),
+        "fsync_samples": samples,
+        "temp_dir": directory,
+    }
+
+
+# --------------------------------------------------------------------- ours
+
+
+def _write(event: Written, tx: Transaction) -> None:
+    """The user's transact function: one domain row and one event, on ``tx.conn``."""
+    tx.conn.execute(_INSERT_DOMAIN, (event.n, 100 + event.n % 7, time.time()))
+    tx.publish(event)
+
+
+def _store(engine: Engine) -> Store:
+    store = engine._store
+    assert store is not None
+    return store
+
+
+async def _open(engine: Engine) -> None:
+    await engine.transact(lambda tx: tx.conn.execute(_DOMAIN))
+
+
+# ---------------------------------------------------------------------- raw
+
+
+class _Raw:
+    """One sqlite3 connection with the engine's pragmas and table shapes, used from threads."""
+
+    def __init__(self, path: str, durability: Durability) -> None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        for statement in (_DOMAIN, _OUTBOX, _OUTBOX_INDEX):
+            conn.execute(statement)
+        self.conn = conn
+        self.encode = msgspec.json.Encoder().encode
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _insert(self, event: Written) -> None:
+        execute = self.conn.execute
+        execute(_INSERT_DOMAIN, (event.n, 100 + event.n % 7, time.time()))
+        tenant = event.tenant_id
+        execute(
+            _INSERT_OUTBOX,
+            (
+                str(event.id),
+                _TAG,
+                None if tenant is None else str(tenant),
+                self.encode(event),
+                time.time(),
+            ),
+        )
+
+    def batches(self, events: Sequence[Written], batch: int) -> None:
+        """The plain thread loop: BEGIN IMMEDIATE, ``batch`` x (two inserts), COMMIT."""
+        execute = self.conn.execute
+        insert = self._insert
+        for start in range(0, len(events), batch):
+            execute("BEGIN IMMEDIATE")
+            for event in events[start : start + batch]:
+                insert(event)
+            execute("COMMIT")
+
+    def commit_one(self, event: Written) -> None:
+        self.batches((event,), 1)
+
+
+# ---------------------------------------------------------- (1, 2, 3) transact
+
+
+@dataclass
+class _Batching:
+    """The average batch of ours' last transact_100 run: raw's next run uses it."""
+
+    size: float = float(WRITERS)
+    """Before ours has run once (raw's untimed round): the number of writers."""
+
+
+async def _compare_1(
+    directory: str, durability: Durability, n: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """transact_1 against raw batches of 1: raw seconds, ours seconds."""
+    raw_db = _Raw(os.path.join(directory, "raw-1.db"), durability)
+
+    async def raw() -> float:
+        events = _events(n)
+        start = _now()
+        await anyio.to_thread.run_sync(raw_db.batches, events, 1)
+        return _now() - start
+
+    try:
+        async with Engine(os.path.join(directory, "ours-1.db"), durability=durability) as engine:
+            await _open(engine)
+            transact = engine.transact
+
+            async def ours() -> float:
+                events = _events(n)
+                start = _now()
+                for event in events:
+                    await transact(functools.partial(_write, event))
+                return _now() - start
+
+            return await _alternate(raw, ours, repeats, settle=_settle_durable)
+    finally:
+        raw_db.close()
+
+
+async def _compare_100(
+    directory: str, durability: Durability, n: int, repeats: int
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """transact_100 against raw at ours' batch size: (seconds, batch size) of each run."""
+    per_writer = n // WRITERS
+    batching = _Batching()
+    raw_db = _Raw(os.path.join(directory, "raw-100.db"), durability)
+
+    async def raw() -> tuple[float, float]:
+        events = _events(per_writer * WRITERS)
+        batch = max(1, round(batching.size))
+        start = _now()
+        await anyio.to_thread.run_sync(raw_db.batches, events, batch)
+        return _now() - start, float(batch)
+
+    try:
+        async with Engine(os.path.join(directory, "ours-100.db"), durability=durability) as engine:
+            await _open(engine)
+            store = _store(engine)
+            transact = engine.transact
+
+            async def writer(events: Sequence[Written]) -> None:
+                for event in events:
+                    await transact(functools.partial(_write, event))
+
+            async def ours() -> tuple[float, float]:
+                events = _events(per_writer * WRITERS)
+                requests, batches = store.requests, store.batches
+                start = _now()
+                async with anyio.create_task_group() as tg:
+                    for i in range(WRITERS):
+                        tg.start_soon(writer, events[i * per_writer : (i + 1) * per_writer])
+                elapsed = _now() - start
+                batching.size = (store.requests - requests) / (store.batches - batches)
+                return elapsed, batching.size
+
+            return await _alternate(raw, ours, repeats, settle=_settle_durable)
+    finally:
+        raw_db.close()
+
+
+def _row(label: str, measured: Measurement, unit: str, target: float | None) -> dict[str, Any]:
+    ratio = measured.ours / measured.limit
+    return {
+        "label": label,
+        "unit": unit,
+        "ours": measured.ours,
+        "limit": measured.limit,
+        "pair_ratio_min": min(measured.pair_ratios),
+        "pair_ratio_max": max(measured.pair_ratios),
+        "target": target_text(target, higher_is_better=True),
+        "met": meets(ratio, target, higher_is_better=True),
+    }
+
+
+async def durable_transact(durability: Durability, n: int, repeats: int) -> Measurement:
+    """transact_1, transact_100 and raw sqlite3 beside each; headline: 100 writers / 1 writer."""
+    writes_1 = max(1, n // TRANSACT_1_SHARE)
+    writes_100 = n // WRITERS * WRITERS
+    if writes_100 < WRITERS:
+        raise ValueError(f"N must be at least {WRITERS} (one event per writer), got {n}")
+    with tempfile.TemporaryDirectory(prefix="actorbus-bench-") as directory:
+        disk = fsync_latency(directory, min(FSYNC_SAMPLES, max(20, n)))
+        raw_1, ours_1 = await _compare_1(directory, durability, writes_1, repeats)
+        raw_100, ours_100 = await _compare_100(directory, durability, writes_100, repeats)
+    single = _throughput(writes_1, raw_1, ours_1)
+    group = _throughput(writes_100, [s for s, _ in raw_100], [s for s, _ in ours_100])
+    batch_sizes = [size for _, size in ours_100]
+    batch = median(batch_sizes)
+    ours_1_rates = [writes_1 / seconds for seconds in ours_1]
+    ours_100_rates = [writes_100 / seconds for seconds, _ in ours_100]
+    unit = "events/s"
+    return Measurement(
+        ours=median(ours_100_rates),
+        limit=median(ours_1_rates),
+        pair_ratios=[a / b for a, b in zip(ours_100_rates, ours_1_rates, strict=True)],
+        extra={
+            "label": f"transact_100 / transact_1 ({durability})",
+            "durability": durability,
+            "rows": [
+                _row(f"transact_1 vs raw batch 1 ({durability})", single, unit, None),
+                _row(
+                    f"transact_100 vs raw batch {round(batch)} ({durability})",
+                    group,
+                    unit,
+                    VERSUS_RAW_TARGET,
+                ),
+            ],
+            "events_1": writes_1,
+            "events_100": writes_100,
+            "writers": WRITERS,
+            "batch_size": batch,
+            "batch_sizes": batch_sizes,
+            "raw_batch_sizes": [size for _, size in raw_100],
+            "transact_1_rates": ours_1_rates,
+            "raw_1_rates": single.extra["limit_rates"],
+            "transact_100_rates": ours_100_rates,
+            "raw_100_rates": group.extra["limit_rates"],
+            **disk,
+        },
+    )
+
+
+# ------------------------------------------------------ (4) commit_to_handler
+
+
+@dataclass
+class _Clock:
+    """One latency repetition: when each event was sent, and what was measured."""
+
+    sent: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    """Seconds from just before the write to the handler's entry."""
+    acknowledged: list[float] = field(default_factory=list)
+    """Seconds from just before the write until the writer got its commit back."""
+
+    def arm(self, count: int) -> None:
+        self.sent = [0.0] * count
+        self.latencies = []
+        self.acknowledged = []
+
+
+@dataclass(frozen=True)
+class _Run:
+    latencies: list[float]
+    acknowledged: list[float]
+    rate: float
+    """Events per second the writer actually started."""
+
+
+async def _paced(count: int, send: Callable[[int], Coroutine[Any, Any, None]]) -> float:
+    """Start ``send(i)`` at ``start + i / RATE``; returns the rate achieved.
+
+    Each write is its own task, started on schedule: a slow commit delays its
+    own event, not the next ones (the schedule does not drift, and a stall
+    shows up in the latencies instead of being hidden by a slower rate).
+    """
+    interval = 1.0 / RATE
+    async with anyio.create_task_group() as tg:
+        start = _now()
+        last = start
+        for i in range(count):
+            delay = start + i * interval - _now()
+            if delay > 0:
+                await anyio.sleep(delay)
+            last = _now()
+            tg.start_soon(send, i)
+    return (count - 1) / (last - start) if count > 1 and last > start else RATE
+
+
+def _handler(clock: _Clock, probe: _Probe) -> Callable[[Written], Awaitable[None]]:
+    """The user's handler, the same function on both sides: it notes when it was entered."""
+
+    async def handle(event: Written) -> None:
+        clock.latencies.append(_now() - clock.sent[event.n])
+        probe.count += 1
+        if probe.count == probe.target:
+            probe.done.set()
+
+    return handle
+
+
+async def _latency_runs(
+    directory: str, durability: Durability, n: int, repeats: int
+) -> tuple[list[_Run], list[_Run]]:
+    clock = _Clock()
+    probe = _Probe()
+    handle = _handler(clock, probe)
+    raw_db = _Raw(os.path.join(directory, "raw-latency.db"), durability)
+    # The raw writer's one connection: writes queue for it, one thread at a time.
+    raw_limiter = anyio.CapacityLimiter(1)
+
+    async def raw() -> _Run:
+        events = _events(n)
+        clock.arm(n)
+        probe.arm(n)
+        send_stream, receive_stream = anyio.create_memory_object_stream[Written](n)
+
+        async def consume(*, task_status: TaskStatus[None]) -> None:
+            task_status.started()
+            with receive_stream:
+                async for event in receive_stream:
+                    await handle(event)
+
+        async def send(i: int) -> None:
+            event = events[i]
+            clock.sent[i] = _now()
+            await anyio.to_thread.run_sync(raw_db.commit_one, event, limiter=raw_limiter)
+            clock.acknowledged.append(_now() - clock.sent[i])
+            send_stream.send_nowait(event)
+
+        with send_stream:
+            async with anyio.create_task_group() as tg:
+                await tg.start(consume)
+                await _settle_durable()
+                rate = await _paced(n, send)
+                with anyio.fail_after(LATENCY_TIMEOUT):
+                    await probe.done.wait()
+                send_stream.close()
+        return _Run(clock.latencies, clock.acknowledged, rate)
+
+    try:
+        async with Engine(
+            os.path.join(directory, "ours-latency.db"), durability=durability
+        ) as engine:
+            await _open(engine)
+            engine.subscribe(Written, handler=handle, name="latency")
+            transact = engine.transact
+
+            async def ours() -> _Run:
+                events = _events(n)
+                clock.arm(n)
+                probe.arm(n)
+
+                async def send(i: int) -> None:
+                    write = functools.partial(_write, events[i])
+                    clock.sent[i] = _now()
+                    await transact(write)
+                    clock.acknowledged.append(_now() - clock.sent[i])
+
+                rate = await _paced(n, send)
+                with anyio.fail_after(LATENCY_TIMEOUT):
+                    await probe.done.wait()
+                return _Run(clock.latencies, clock.acknowledged, rate)
+
+            return await _alternate(raw, ours, repeats, settle=_settle_durable)
+    finally:
+        raw_db.close()
+
+
+def _ms(runs: Sequence[_Run], p: float, *, acknowledged: bool = False) -> float:
+    return percentile(
+        [s * 1e3 for run in runs for s in (run.acknowledged if acknowledged else run.latencies)],
+        p,
+    )
+
+
+async def commit_to_handler(durability: Durability, n: int, repeats: int) -> Measurement:
+    """A durable subscription's handler, events written at RATE/s: latency in ms."""
+    with tempfile.TemporaryDirectory(prefix="actorbus-bench-") as directory:
+        disk = fsync_latency(directory, min(FSYNC_SAMPLES, max(20, n)))
+        raw_runs, ours_runs = await _latency_runs(directory, durability, n, repeats)
+    pairs = list(zip(ours_runs, raw_runs, strict=True))
+    p50_pairs = [_ms([o], 50) / _ms([r], 50) for o, r in pairs]
+    unit = "ms"
+    return Measurement(
+        ours=_ms(ours_runs, 99),
+        limit=_ms(raw_runs, 99),
+        pair_ratios=[_ms([o], 99) / _ms([r], 99) for o, r in pairs],
+        extra={
+            "label": f"commit_to_handler p99 ({durability})",
+            "durability": durability,
+            "rows": [
+                {
+                    "label": f"commit_to_handler p50 ({durability})",
+                    "unit": unit,
+                    "ours": _ms(ours_runs, 50),
+                    "limit": _ms(raw_runs, 50),
+                    "pair_ratio_min": min(p50_pairs),
+                    "pair_ratio_max": max(p50_pairs),
+                }
+            ],
+            "p50_ours": _ms(ours_runs, 50),
+            "p50_limit": _ms(raw_runs, 50),
+            "p99_ours": _ms(ours_runs, 99),
+            "p99_limit": _ms(raw_runs, 99),
+            "max_ours": _ms(ours_runs, 100),
+            "max_limit": _ms(raw_runs, 100),
+            # Until the writer got its commit back: the rest is the way to the handler.
+            "commit_p50_ours": _ms(ours_runs, 50, acknowledged=True),
+            "commit_p99_ours": _ms(ours_runs, 99, acknowledged=True),
+            "commit_p50_limit": _ms(raw_runs, 50, acknowledged=True),
+            "commit_p99_limit": _ms(raw_runs, 99, acknowledged=True),
+            "rate": RATE,
+            "rates_ours": [run.rate for run in ours_runs],
+            "rates_limit": [run.rate for run in raw_runs],
+            "samples": sum(len(run.latencies) for run in ours_runs),
+            **disk,
+        },
+    )
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def _transact(durability: Durability) -> Callable[[int, int], Awaitable[Measurement]]:
+    async def run(n: int, repeats: int) -> Measurement:
+        return await durable_transact(durability, n, repeats)
+
+    return run
+
+
+def _latency(durability: Durability) -> Callable[[int, int], Awaitable[Measurement]]:
+    async def run(n: int, repeats: int) -> Measurement:
+        return await commit_to_handler(durability, n, repeats)
+
+    return run
+
+
+_DURABILITIES: tuple[Durability, ...] = ("full", "normal")
+
+SCENARIOS: dict[str, Scenario] = {
+    scenario.name: scenario
+    for scenario in (
+        *(
+            Scenario(
+                name=f"durable_transact_{durability}",
+                run=_transact(durability),
+                unit="events/s",
+                higher_is_better=True,
+                target=SCALING_TARGET[durability],
+                # Events per repetition of transact_100 (transact_1 writes a tenth).
+                n={"full": 10_000, "quick": 3_000, "smoke": 200},
+            )
+            for durability in _DURABILITIES
+        ),
+        *(
+            Scenario(
+                name=f"durable_commit_to_handler_{durability}",
+                run=_latency(durability),
+                unit="ms",
+                higher_is_better=False,
+                target=P99_TARGET_MS,
+                # Events per repetition, written at RATE per second.
+                n={"full": 1_000, "quick": 500, "smoke": 20},
+                absolute=True,
+            )
+            for durability in _DURABILITIES
+        ),
+    )
+}
