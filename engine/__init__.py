@@ -11,6 +11,11 @@ from ._backpressure import BackpressureController as BackpressureController
 from ._backpressure import BackpressureError as BackpressureError
 from ._backpressure import BackpressureMetrics as BackpressureMetrics
 from ._backpressure import BackpressureState as BackpressureState
+from ._breaker import BreakerMetrics as BreakerMetrics
+from ._breaker import CircuitBreaker as CircuitBreaker
+from ._breaker import CircuitBreakerConfig as CircuitBreakerConfig
+from ._breaker import CircuitOpenError as CircuitOpenError
+from ._breaker import CircuitState as CircuitState
 from ._deadletters import DeadLetter as DeadLetter
 from ._deadletters import DeadLetters as DeadLetters
 from ._engine import Engine as Engine
@@ -52,6 +57,11 @@ __all__ = [
     "BackpressureMetrics",
     "BackpressureState",
     "Backoff",
+    "BreakerMetrics",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "CircuitOpenError",
+    "CircuitState",
     "DeadLetter",
     "DeadLetters",
     "Engine",

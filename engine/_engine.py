@@ -27,6 +27,7 @@ from ._backpressure import (
     BackpressureMetrics,
     BackpressureState,
 )
+from ._breaker import BreakerMetrics, CircuitBreaker, CircuitBreakerConfig
 from ._deadletters import DeadLetter, DeadLetters, read_rows
 from ._errors import ActorStopped, EngineError
 from ._events import Event, decode
@@ -86,6 +87,8 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """The last committed outbox seq (0 without a database)."""
     lag: dict[str, int] = msgspec.field(default_factory=dict)
     """Per durable subscription or projection: outbox events after its position."""
+    breakers: dict[str, BreakerMetrics] = msgspec.field(default_factory=dict)
+    """Every circuit breaker's state and counters, by dependency name."""
 
 
 class _NoSlot:
@@ -166,6 +169,7 @@ class Engine:
         self._router: Router = Router()
         self._delivery = Delivery
         self._pending_subscriptions: list[Subscription] = []
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._dispatcher: Cell | None = None
         self.database: str | None = database
         self._store: Store | None = None
@@ -256,6 +260,8 @@ class Engine:
         self._dispatcher = cell
         if self._relay_state is not None:
             await self._start_relay()
+        for breaker in self._breakers.values():
+            self._start_breaker(breaker)
         pending = list(self._pending_subscriptions)
         for subscription in pending:
             self._pending_subscriptions.remove(subscription)
@@ -646,6 +652,7 @@ class Engine:
             backpressure=self._controller.metrics(),
             outbox_head=self._relay_state.head if self._relay_state is not None else 0,
             lag=self._lag(),
+            breakers={name: breaker.metrics() for name, breaker in self._breakers.items()},
         )
 
     def _lag(self) -> dict[str, int]:
@@ -658,6 +665,51 @@ class Engine:
             if tracker is not None and tracker.partitions:
                 lag[name] = max(0, state.head - min(tracker.positions()))
         return lag
+
+    # ------------------------------------------------------------- breakers
+
+    def breaker(self, name: str, config: CircuitBreakerConfig | None = None) -> CircuitBreaker:
+        """The circuit breaker for dependency ``name``, backed by one breaker actor.
+
+        Asking again for a name returns the same breaker; a different config
+        for an existing name is a ``ValueError``. Callable before the engine
+        starts; ``await engine.breaker(...)`` works too.
+        """
+        check_name(name)
+        if config is None:
+            config = CircuitBreakerConfig()
+        elif not isinstance(config, CircuitBreakerConfig):
+            raise TypeError(f"config must be a CircuitBreakerConfig, got {type(config).__name__}")
+        existing = self._breakers.get(name)
+        if existing is not None:
+            if existing.config != config:
+                raise ValueError(
+                    f"breaker {name!r} exists with another config: {existing.config!r}"
+                )
+            return existing
+        if self._closing:
+            self._refuse()
+        breaker = CircuitBreaker(name, config)
+        if self._running:
+            self._start_breaker(breaker)
+        self._breakers[name] = breaker
+        return breaker
+
+    def _start_breaker(self, breaker: CircuitBreaker) -> None:
+        from actors._breaker import BreakerActor
+
+        assert self._root is not None
+        cell, instance = self._root.add_cell(
+            lambda: BreakerActor(self, breaker),
+            name=f"{RESERVED_PREFIX}breaker.{breaker.name}",
+            capacity=64,
+            overflow=Overflow.REJECT,
+            restart=Restart.PERMANENT,
+            max_attempts=1,
+            internal=True,
+        )
+        breaker._actor = cell.ref
+        self._task_group.start_soon(cell.run, instance, name=f"breaker {breaker.name}")
 
     # ------------------------------------------------------------- durable API
 

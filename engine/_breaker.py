@@ -1,0 +1,303 @@
+"""Circuit breakers: the configuration, the caller's handle and its published state.
+
+The breaker actor (actors/_breaker.py) owns the state machine: transitions,
+the open timer and the log. It publishes one ``Generation`` object per state;
+callers read it, take permits from it synchronously and write their outcomes
+into it, so the closed path costs no mailbox round trip and no clock read. A
+caller only tells the actor when its outcome may move the state (a failure,
+or the success that ends HALF_OPEN); an outcome written into a generation
+that is no longer published changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import msgspec
+
+from ._errors import EngineError
+
+if TYPE_CHECKING:
+    from ._actor import ActorRef
+
+__all__ = [
+    "BreakerMetrics",
+    "CircuitBreaker",
+    "CircuitBreakerConfig",
+    "CircuitOpenError",
+    "CircuitState",
+]
+
+_T = TypeVar("_T")
+
+
+class CircuitState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+_CLOSED = CircuitState.CLOSED
+_OPEN = CircuitState.OPEN
+_HALF_OPEN = CircuitState.HALF_OPEN
+
+
+class _CallTimedOut(TimeoutError):
+    """A call slower than ``call_timeout`` (always a failure)."""
+
+
+class CircuitOpenError(EngineError):
+    """The breaker is open (or its half-open probes are all taken): ``fn`` was not called."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"circuit {name!r} is open; retry after {retry_after:.3f} s")
+        self.name = name
+        self.retry_after = retry_after
+        """Seconds until the breaker admits probes again (0 while its probes are all taken)."""
+
+
+def _exception_types(value: object, field: str) -> tuple[type[BaseException], ...]:
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in value
+    ):
+        raise TypeError(f"{field} must be a tuple of exception types, got {value!r}")
+    return value
+
+
+class CircuitBreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How a breaker counts: thresholds, the open timeout, probes and what is a failure."""
+
+    failure_threshold: int = 5
+    """Consecutive failures that open a closed breaker."""
+    success_threshold: int = 2
+    """Successful probes that close a half-open breaker."""
+    timeout: float = 60.0
+    """Seconds a breaker stays open before it admits probes."""
+    half_open_max_requests: int = 3
+    """Probes admitted at the same time while half-open."""
+    call_timeout: float | None = None
+    """A call slower than this fails (the caller gets a ``TimeoutError``)."""
+    record: tuple[type[BaseException], ...] = (Exception,)
+    """Errors that count as failures..."""
+    ignore: tuple[type[BaseException], ...] = ()
+    """...unless they are one of these (neither success nor failure)."""
+
+    def __post_init__(self) -> None:
+        for field in ("failure_threshold", "success_threshold", "half_open_max_requests"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        if (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, int | float)
+            or not math.isfinite(self.timeout)
+            or self.timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a finite number > 0, got {self.timeout!r}")
+        timeout = self.call_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(f"call_timeout must be a finite number > 0 or None, got {timeout!r}")
+        msgspec.structs.force_setattr(self, "record", _exception_types(self.record, "record"))
+        msgspec.structs.force_setattr(self, "ignore", _exception_types(self.ignore, "ignore"))
+
+
+class BreakerMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """A breaker's counters (``breaker.metrics()``)."""
+
+    name: str
+    state: CircuitState
+    total_requests: int
+    """Calls admitted or rejected."""
+    successes: int
+    failures: int
+    rejected: int
+    """Calls refused with CircuitOpenError (fn not called)."""
+    transitions: int
+    success_rate: float
+    """successes / (successes + failures); 1.0 before any outcome."""
+    rejection_rate: float
+    """rejected / total_requests; 0.0 before any request."""
+
+
+class Generation:
+    """One published state of a breaker; callers write their outcomes into it."""
+
+    __slots__ = ("failures", "number", "opened_at", "permits", "reported", "state", "successes")
+
+    def __init__(self, state: CircuitState, number: int, opened_at: float = 0.0) -> None:
+        self.state = state
+        self.number = number
+        self.opened_at = opened_at
+        # Consecutive failures (CLOSED) or successful probes (HALF_OPEN).
+        self.failures = 0
+        self.successes = 0
+        # Probes in flight (HALF_OPEN).
+        self.permits = 0
+        # The actor has been told this generation should move on.
+        self.reported = False
+
+
+class CircuitBreaker:
+    """The caller's handle to a dependency's breaker (``engine.breaker(name)``)."""
+
+    __slots__ = (
+        "_actor",
+        "_failures",
+        "_rejected",
+        "_requests",
+        "_successes",
+        "config",
+        "generation",
+        "name",
+        "transitions",
+    )
+
+    def __init__(self, name: str, config: CircuitBreakerConfig) -> None:
+        self.name = name
+        self.config = config
+        self.generation = Generation(_CLOSED, 0)
+        self.transitions = 0
+        self._actor: ActorRef[Any] | None = None
+        self._requests = 0
+        self._successes = 0
+        self._failures = 0
+        self._rejected = 0
+
+    @property
+    def state(self) -> CircuitState:
+        return self.generation.state
+
+    def __await__(self) -> Generator[Any, None, CircuitBreaker]:
+        """``await engine.breaker(...)`` works as well as the plain call."""
+        return self
+        yield  # pragma: no cover - makes this a generator
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self.generation.state.value}>"
+
+    # ------------------------------------------------------------- calls
+
+    async def call(self, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+        """Await ``fn(*args, **kwargs)`` under the breaker.
+
+        Raises ``CircuitOpenError`` without calling ``fn`` while open (or when
+        every half-open probe is taken). A failure is an error of a ``record``
+        type that is not an ``ignore`` type, or a call slower than
+        ``call_timeout`` (the caller then gets a ``TimeoutError``); the
+        caller's own cancellation is neither success nor failure.
+        """
+        generation = self.generation
+        self._requests += 1
+        state = generation.state
+        if state is not _CLOSED:
+            if state is _OPEN or generation.permits >= self.config.half_open_max_requests:
+                self._reject(generation)
+            generation.permits += 1
+        config = self.config
+        timeout = config.call_timeout
+        try:
+            if timeout is None:
+                result = await fn(*args, **kwargs)
+            else:
+                with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+                    result = await fn(*args, **kwargs)
+                if scope.cancelled_caught:
+                    raise _CallTimedOut(
+                        f"call through breaker {self.name!r} took longer than {timeout} s"
+                    )
+        except BaseException as error:
+            if state is _HALF_OPEN:
+                generation.permits -= 1
+            self._outcome(generation, error)
+            raise
+        # The closed path's whole cost: a count (and a report after failures).
+        self._successes += 1
+        if state is _CLOSED:
+            if generation.failures:
+                generation.failures = 0
+        else:
+            generation.permits -= 1
+            generation.successes += 1
+            if (
+                generation.successes >= config.success_threshold
+                and not generation.reported
+                and generation is self.generation
+            ):
+                generation.reported = True
+                self._tell(("close", generation))
+        return result
+
+    def _reject(self, generation: Generation) -> None:
+        self._rejected += 1
+        retry_after = 0.0
+        if generation.state is _OPEN:
+            elapsed = anyio.current_time() - generation.opened_at
+            retry_after = max(0.0, self.config.timeout - elapsed)
+        raise CircuitOpenError(self.name, retry_after)
+
+    def _outcome(self, generation: Generation, error: BaseException) -> None:
+        if isinstance(error, anyio.get_cancelled_exc_class()):
+            return  # the caller gave up: not the dependency's fault
+        config = self.config
+        if not isinstance(error, _CallTimedOut) and (
+            not isinstance(error, config.record) or isinstance(error, config.ignore)
+        ):
+            return
+        self._failures += 1
+        if generation is not self.generation or generation.reported:
+            return  # admitted before a transition: it does not move the new state
+        if generation.state is _CLOSED:
+            generation.failures += 1
+            if generation.failures < config.failure_threshold:
+                return
+        generation.reported = True
+        self._tell(("open", generation))
+
+    def _tell(self, message: tuple[str, Generation]) -> None:
+        actor = self._actor
+        if actor is not None:
+            try:
+                actor.try_tell(message)
+            except EngineError:
+                pass  # the engine is stopping: the state no longer matters
+
+    # ---------------------------------------------------------- controls
+
+    async def reset(self) -> None:
+        """Close the breaker now (counts start over)."""
+        await self._ask("reset")
+
+    async def force_open(self) -> None:
+        """Open the breaker now (it admits probes after ``timeout``)."""
+        await self._ask("force_open")
+
+    async def _ask(self, command: str) -> None:
+        actor = self._actor
+        if actor is None:
+            raise EngineError(f"breaker {self.name!r} is not running in an engine")
+        await actor.ask(command)
+
+    def metrics(self) -> BreakerMetrics:
+        outcomes = self._successes + self._failures
+        return BreakerMetrics(
+            name=self.name,
+            state=self.generation.state,
+            total_requests=self._requests,
+            successes=self._successes,
+            failures=self._failures,
+            rejected=self._rejected,
+            transitions=self.transitions,
+            success_rate=self._successes / outcomes if outcomes else 1.0,
+            rejection_rate=self._rejected / self._requests if self._requests else 0.0,
+        )
