@@ -11,6 +11,7 @@ that is no longer published changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Awaitable, Callable, Generator
@@ -267,10 +268,8 @@ class CircuitBreaker:
     def _tell(self, message: tuple[str, Generation]) -> None:
         actor = self._actor
         if actor is not None:
-            try:
+            with contextlib.suppress(EngineError):  # stopping: the state no longer matters
                 actor.try_tell(message)
-            except EngineError:
-                pass  # the engine is stopping: the state no longer matters
 
     # ---------------------------------------------------------- controls
 
