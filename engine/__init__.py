@@ -1,5 +1,6 @@
 """actorbus engine: supervised actors with bounded mailboxes on anyio."""
 
+from . import cache as cache
 from . import catalog as catalog
 from . import events as events
 from . import tenancy as tenancy
@@ -12,6 +13,7 @@ from ._backpressure import BackpressureError as BackpressureError
 from ._backpressure import BackpressureMetrics as BackpressureMetrics
 from ._backpressure import BackpressureState as BackpressureState
 from ._breaker import BreakerMetrics as BreakerMetrics
+from ._cache import CacheUnavailable as CacheUnavailable
 from ._breaker import CircuitBreaker as CircuitBreaker
 from ._breaker import CircuitBreakerConfig as CircuitBreakerConfig
 from ._breaker import CircuitOpenError as CircuitOpenError
@@ -58,6 +60,7 @@ __all__ = [
     "BackpressureState",
     "Backoff",
     "BreakerMetrics",
+    "CacheUnavailable",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitOpenError",
@@ -84,6 +87,7 @@ __all__ = [
     "TransactionControlRefused",
     "TransactionEnded",
     "ValidationErrorKind",
+    "cache",
     "catalog",
     "events",
     "tenancy",
