@@ -13,11 +13,11 @@ from ._backpressure import BackpressureError as BackpressureError
 from ._backpressure import BackpressureMetrics as BackpressureMetrics
 from ._backpressure import BackpressureState as BackpressureState
 from ._breaker import BreakerMetrics as BreakerMetrics
-from ._cache import CacheUnavailable as CacheUnavailable
 from ._breaker import CircuitBreaker as CircuitBreaker
 from ._breaker import CircuitBreakerConfig as CircuitBreakerConfig
 from ._breaker import CircuitOpenError as CircuitOpenError
 from ._breaker import CircuitState as CircuitState
+from ._cache import CacheUnavailable as CacheUnavailable
 from ._deadletters import DeadLetter as DeadLetter
 from ._deadletters import DeadLetters as DeadLetters
 from ._engine import Engine as Engine
