@@ -18,7 +18,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from . import catalog, events, tenancy
+from . import cache, catalog, events, tenancy
 from ._actor import Actor, ActorRef, Cell, current_cell
 from ._backpressure import (
     BackpressureConfig,
@@ -135,6 +135,8 @@ class Engine:
     """The domain event catalog (CMS and shop)."""
     tenancy = tenancy
     """Tenant identifier validation."""
+    cache = cache
+    """Cache backends: ``CacheBackend``, ``InMemoryCache``, ``RedisCache``."""
 
     def __init__(
         self,
