@@ -1,5 +1,6 @@
 """actorbus engine: supervised actors with bounded mailboxes on anyio."""
 
+from . import asgi as asgi
 from . import cache as cache
 from . import catalog as catalog
 from . import events as events
@@ -87,6 +88,7 @@ __all__ = [
     "TransactionControlRefused",
     "TransactionEnded",
     "ValidationErrorKind",
+    "asgi",
     "cache",
     "catalog",
     "events",

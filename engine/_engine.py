@@ -18,7 +18,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from . import cache, catalog, events, tenancy
+from . import asgi, cache, catalog, events, tenancy
 from ._actor import Actor, ActorRef, Cell, current_cell
 from ._backpressure import (
     BackpressureConfig,
@@ -47,6 +47,7 @@ from ._types import (
 if TYPE_CHECKING:
     from actors._dispatcher import Router, Subscription, SubscriptionRef
     from actors._relay import RelayState, Tracker
+    from actors._resolver import TenantResolver
 
 _T = TypeVar("_T")
 
@@ -56,6 +57,7 @@ __all__ = ["Engine", "EngineMetrics"]
 RESERVED_PREFIX = "actorbus."
 DISPATCHER = RESERVED_PREFIX + "dispatcher"
 RELAY = RESERVED_PREFIX + "relay"
+TENANT_RESOLVER = RESERVED_PREFIX + "tenant_resolver"
 _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 _NOT_ASYNC = (
     "transact runs a plain function `def fn(tx)` in the database thread, not a coroutine "
@@ -137,6 +139,8 @@ class Engine:
     """Tenant identifier validation."""
     cache = cache
     """Cache backends: ``CacheBackend``, ``InMemoryCache``, ``RedisCache``."""
+    asgi = asgi
+    """``TenantMiddleware`` for ASGI applications."""
 
     def __init__(
         self,
@@ -631,6 +635,37 @@ class Engine:
             self._refuse()
         return await self._root.supervisor(
             name, strategy=strategy, max_restarts=max_restarts, within=within, backoff=backoff
+        )
+
+    async def tenant_resolver(
+        self,
+        loader: Callable[[tenancy.TenantKey], Awaitable[_T | None]],
+        *,
+        ttl: float = 300.0,
+        negative_ttl: float = 60.0,
+        max_entries: int = 1000,
+        max_concurrent_loads: int = 100,
+        validator: tenancy.TenantIdentifierValidator | None = None,
+        name: str = TENANT_RESOLVER,
+    ) -> TenantResolver[_T]:
+        """Start a tenant resolver actor: ``await resolver.resolve(key)`` -> the tenant.
+
+        Raw identifiers are validated first (``TenantValidationError``); one
+        load per key however many callers wait, in a task the resolver owns;
+        loader errors reach every waiter and are not cached; unknown tenants
+        (``None``) are cached for ``negative_ttl``; TTLs get +-10% jitter.
+        """
+        from actors._resolver import start_tenant_resolver
+
+        return await start_tenant_resolver(
+            self,
+            loader,
+            ttl=ttl,
+            negative_ttl=negative_ttl,
+            max_entries=max_entries,
+            max_concurrent_loads=max_concurrent_loads,
+            validator=validator,
+            name=name,
         )
 
     def actor(self, name: str) -> ActorRef[Any]:
