@@ -107,10 +107,11 @@ REPEATS = {"full": 9, "quick": 3, "smoke": 2}
 def scenarios() -> dict[str, Scenario]:
     """Every scenario with a raw comparison, in the order they run."""
     from .scenario_actors import SCENARIOS as actors
+    from .scenario_breakers import SCENARIOS as breakers
     from .scenario_dispatch import SCENARIOS as dispatch
     from .scenario_durable import SCENARIOS as durable
 
-    return {**actors, **dispatch, **durable}
+    return {**actors, **dispatch, **durable, **breakers}
 
 
 # ---------------------------------------------------------------- statistics
@@ -153,7 +154,9 @@ def _cpu_model() -> str:
 
 def versions() -> dict[str, str]:
     found: dict[str, str] = {}
-    for package in ("actorbus", "anyio", "trio", "msgspec"):
+    # aiobreaker, pybreaker and tornado: the breaker scenario's peers (tornado decides
+    # whether pybreaker is measured async or sync).
+    for package in ("actorbus", "anyio", "trio", "msgspec", "aiobreaker", "pybreaker", "tornado"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
