@@ -56,6 +56,16 @@ class BreakerActor(Actor):
             case _:
                 pass  # a stale report: the state already moved on
 
+    async def on_start(self) -> None:
+        # Failures counted before the engine ran (no actor to tell) still open it.
+        breaker = self.breaker
+        current = breaker.generation
+        if (
+            current.state is CircuitState.CLOSED
+            and current.failures >= breaker.config.failure_threshold
+        ):
+            self._open()
+
     async def on_stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()

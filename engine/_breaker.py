@@ -155,6 +155,8 @@ class CircuitBreaker:
     __slots__ = (
         "_actor",
         "_failures",
+        "_fast",
+        "_timeout",
         "_rejected",
         "_requests",
         "_successes",
@@ -168,6 +170,9 @@ class CircuitBreaker:
         self.name = name
         self.config = config
         self.generation = Generation(_CLOSED, 0)
+        # No call_timeout: a closed breaker's call takes the short path.
+        self._fast = config.call_timeout is None
+        self._timeout: float = config.call_timeout or 0.0
         self.transitions = 0
         self._actor: ActorRef[Any] | None = None
         self._requests = 0
@@ -199,13 +204,51 @@ class CircuitBreaker:
         caller's own cancellation is neither success nor failure.
         """
         generation = self.generation
+        if generation.state is _CLOSED and self._fast:
+            # The closed path's whole cost: two counts (and a report after failures).
+            self._requests += 1
+            try:
+                result = await (fn(*args, **kwargs) if args or kwargs else fn())
+            except BaseException as error:
+                self._outcome(generation, error)
+                raise
+            self._successes += 1
+            if generation.failures:
+                generation.failures = 0
+            return result
+        if generation.state is _CLOSED:
+            # Closed with a call_timeout: the same, under a cancel scope with a deadline.
+            self._requests += 1
+            try:
+                with anyio.CancelScope(deadline=anyio.current_time() + self._timeout) as scope:
+                    result = await (fn(*args, **kwargs) if args or kwargs else fn())
+                if scope.cancelled_caught:
+                    raise _CallTimedOut(
+                        f"call through breaker {self.name!r} took longer than {self._timeout} s"
+                    )
+            except BaseException as error:
+                self._outcome(generation, error)
+                raise
+            self._successes += 1
+            if generation.failures:
+                generation.failures = 0
+            return result
+        return await self._call(generation, fn, args, kwargs)
+
+    async def _call(
+        self,
+        generation: Generation,
+        fn: Callable[..., Awaitable[_T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _T:
         self._requests += 1
         state = generation.state
+        config = self.config
         if state is not _CLOSED:
-            if state is _OPEN or generation.permits >= self.config.half_open_max_requests:
+            if state is _OPEN or generation.permits >= config.half_open_max_requests:
                 self._reject(generation)
             generation.permits += 1
-        config = self.config
         timeout = config.call_timeout
         try:
             if timeout is None:
@@ -222,7 +265,6 @@ class CircuitBreaker:
                 generation.permits -= 1
             self._outcome(generation, error)
             raise
-        # The closed path's whole cost: a count (and a report after failures).
         self._successes += 1
         if state is _CLOSED:
             if generation.failures:
@@ -235,8 +277,7 @@ class CircuitBreaker:
                 and not generation.reported
                 and generation is self.generation
             ):
-                generation.reported = True
-                self._tell(("close", generation))
+                generation.reported = self._tell(("close", generation))
         return result
 
     def _reject(self, generation: Generation) -> None:
@@ -262,14 +303,16 @@ class CircuitBreaker:
             generation.failures += 1
             if generation.failures < config.failure_threshold:
                 return
-        generation.reported = True
-        self._tell(("open", generation))
+        # Not running in an engine yet: the actor opens it when it starts.
+        generation.reported = self._tell(("open", generation))
 
-    def _tell(self, message: tuple[str, Generation]) -> None:
+    def _tell(self, message: tuple[str, Generation]) -> bool:
         actor = self._actor
-        if actor is not None:
-            with contextlib.suppress(EngineError):  # stopping: the state no longer matters
-                actor.try_tell(message)
+        if actor is None:
+            return False
+        with contextlib.suppress(EngineError):  # stopping: the state no longer matters
+            actor.try_tell(message)
+        return True
 
     # ---------------------------------------------------------- controls
 
