@@ -27,6 +27,7 @@ SCENARIOS = {
     "durable_transact_normal",
     "durable_commit_to_handler_full",
     "durable_commit_to_handler_normal",
+    "breaker_overhead",
 }
 
 
@@ -113,6 +114,39 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
             assert [row["label"] for row in extra["rows"]] == [
                 f"commit_to_handler p50 ({durability})"
             ]
+    for breaker in (r for r in results if r["scenario"] == "breaker_overhead"):
+        extra = breaker["extra"]
+        assert breaker["unit"] == "ns/call"
+        assert breaker["target"] == "<= 0.25"
+        assert extra["label"] == "breaker vs aiobreaker"
+        assert extra["ratio_aiobreaker"] == pytest.approx(breaker["ratio"])
+        # Every adapter ran on both backends; the sync pybreaker has a bare sync loop of its own.
+        assert set(extra["ns_per_call"]) >= {
+            "bare",
+            "ours",
+            "ours_call_timeout",
+            "cancel_scope",
+            "aiobreaker",
+            "pybreaker",
+        }
+        assert all(cost > 0 for cost in extra["ns_per_call"].values())
+        assert extra["pybreaker_mode"].startswith(("async", "sync"))
+        labels = [row["label"] for row in extra["rows"]]
+        assert labels[0] == "breaker call vs bare await"
+        assert labels[1].startswith("breaker vs pybreaker (")
+        assert labels[2:] == [
+            "breaker call_timeout vs cancel scope",
+            "breaker call_timeout vs cancel scope + 0.5 µs",
+        ]
+        assert all(row["unit"] == "ns/call" for row in extra["rows"])
+        # Only the call_timeout budget row carries a target of its own.
+        assert [(row.get("target"), row.get("met") is None) for row in extra["rows"]] == [
+            (None, True),
+            (None, True),
+            (None, True),
+            ("<= 1", False),
+        ]
+    assert "breaker call_timeout vs cancel scope + 0.5 µs" in done.stdout
     assert "transact_100 / transact_1 (full)" in done.stdout
     assert "fsync median" in done.stdout
     for entry in document["figures"]:
