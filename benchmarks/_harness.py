@@ -110,8 +110,9 @@ def scenarios() -> dict[str, Scenario]:
     from .scenario_breakers import SCENARIOS as breakers
     from .scenario_dispatch import SCENARIOS as dispatch
     from .scenario_durable import SCENARIOS as durable
+    from .scenario_resolver import SCENARIOS as resolver
 
-    return {**actors, **dispatch, **durable, **breakers}
+    return {**actors, **dispatch, **durable, **breakers, **resolver}
 
 
 # ---------------------------------------------------------------- statistics

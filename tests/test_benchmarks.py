@@ -28,6 +28,8 @@ SCENARIOS = {
     "durable_commit_to_handler_full",
     "durable_commit_to_handler_normal",
     "breaker_overhead",
+    "resolver_cached",
+    "resolver_cold_1000",
 }
 
 
@@ -146,6 +148,49 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
             (None, True),
             ("<= 1", False),
         ]
+    for cached in (r for r in results if r["scenario"] == "resolver_cached"):
+        extra = cached["extra"]
+        assert cached["unit"] == "resolves/s"
+        assert (cached["target"], cached["met"]) == ("-", None)
+        assert extra["label"] == "resolver_cached TenantKey vs dict lookup"
+        assert extra["ratio_key"] == pytest.approx(cached["ratio"])
+        assert set(extra["ns_per_call"]) == {"dict_lookup", "ours_key", "ours_str"}
+        assert all(cost > 0 for cost in extra["ns_per_call"].values())
+        (by_str,) = extra["rows"]
+        assert by_str["label"] == "resolver_cached str (validated) vs dict lookup"
+        assert by_str["unit"] == "resolves/s"
+        assert by_str["limit"] == pytest.approx(cached["limit"])
+        assert extra["ratio_str"] == pytest.approx(by_str["ours"] / by_str["limit"])
+        assert "target" not in by_str
+    for cold in (r for r in results if r["scenario"] == "resolver_cold_1000"):
+        extra = cold["extra"]
+        assert cold["unit"] == "ms"
+        assert (cold["target"], cold["met"]) == ("-", None)
+        assert extra["label"] == "resolver_cold_1000 vs the loader alone (5 ms sleep)"
+        assert extra["concurrent"] == cold["n"] == 1000
+        # One load per repetition, and every other caller joined it or found it cached.
+        assert extra["loader_calls"] == [1] * cold["repeats"]
+        assert len(extra["coalesced"]) == len(extra["late_hits"]) == cold["repeats"]
+        assert all(
+            joined + hits == 999
+            for joined, hits in zip(extra["coalesced"], extra["late_hits"], strict=True)
+        )
+        calls, joined_row, single_flight = extra["rows"]
+        assert calls["label"] == "resolver_cold_1000 loader calls"
+        assert (calls["ours"], calls["limit"], calls["target"], calls["met"]) == (
+            1.0,
+            1.0,
+            "== 1",
+            True,
+        )
+        assert joined_row["label"] == "resolver_cold_1000 coalesced waiters (of 999)"
+        assert joined_row["limit"] == 999
+        assert single_flight["label"] == "resolver_cold_1000 vs single flight on one anyio.Event"
+        assert single_flight["unit"] == "ms"
+        assert single_flight["ours"] == pytest.approx(cold["ours"])
+        assert all(key not in single_flight for key in ("target", "met"))
+        assert len(extra["load_start_ms"]) == cold["repeats"]
+    assert "resolver_cold_1000 loader calls" in done.stdout
     assert "breaker call_timeout vs cancel scope + 0.5 µs" in done.stdout
     assert "transact_100 / transact_1 (full)" in done.stdout
     assert "fsync median" in done.stdout
