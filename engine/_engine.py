@@ -18,6 +18,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
+from . import _counters as counters
 from . import asgi, cache, catalog, events, tenancy
 from ._actor import Actor, ActorRef, Cell, current_cell
 from ._backpressure import (
@@ -91,6 +92,10 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Per durable subscription or projection: outbox events after its position."""
     breakers: dict[str, BreakerMetrics] = msgspec.field(default_factory=dict)
     """Every circuit breaker's state and counters, by dependency name."""
+    validation_failures: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    """Events refused by validation in this process: event type -> kind -> count."""
+    tenant_rejections: dict[str, int] = msgspec.field(default_factory=dict)
+    """Tenant identifiers refused in this process, by reason."""
 
 
 class _NoSlot:
@@ -677,6 +682,7 @@ class Engine:
 
     def metrics(self) -> EngineMetrics:
         """A snapshot of every actor's statistics and the engine's counters."""
+        validation, tenants = counters.snapshot()
         return EngineMetrics(
             actors={
                 name: target.statistics()
@@ -690,6 +696,8 @@ class Engine:
             outbox_head=self._relay_state.head if self._relay_state is not None else 0,
             lag=self._lag(),
             breakers={name: breaker.metrics() for name, breaker in self._breakers.items()},
+            validation_failures=validation,
+            tenant_rejections=tenants,
         )
 
     def _lag(self) -> dict[str, int]:

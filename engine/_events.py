@@ -27,6 +27,7 @@ from uuid import UUID, SafeUUID
 import msgspec
 import msgspec.inspect as mi
 
+from ._counters import count_validation_failure
 from ._errors import EngineError
 
 __all__ = [
@@ -76,6 +77,7 @@ class EventValidationError(EngineError, ValueError):
         self.field = field
         self.kind = kind
         self.message = message
+        count_validation_failure(event_type, str(kind))
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.field}: {self.message} ({self.kind.name})"

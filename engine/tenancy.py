@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 from uuid import UUID
 
+from ._counters import count_tenant_rejection
 from ._errors import EngineError
 
 __all__ = [
@@ -62,6 +63,7 @@ class TenantValidationError(EngineError, ValueError):
         self.kind = kind
         self.value = value
         self.message = message
+        count_tenant_rejection(str(kind))
 
     def __str__(self) -> str:
         return f"{self.message}, got {_preview(self.value)} ({self.kind.name})"
