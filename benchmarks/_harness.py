@@ -110,9 +110,10 @@ def scenarios() -> dict[str, Scenario]:
     from .scenario_breakers import SCENARIOS as breakers
     from .scenario_dispatch import SCENARIOS as dispatch
     from .scenario_durable import SCENARIOS as durable
+    from .scenario_peers import SCENARIOS as peers
     from .scenario_resolver import SCENARIOS as resolver
 
-    return {**actors, **dispatch, **durable, **breakers, **resolver}
+    return {**actors, **dispatch, **durable, **breakers, **resolver, **peers}
 
 
 # ---------------------------------------------------------------- statistics
@@ -156,8 +157,20 @@ def _cpu_model() -> str:
 def versions() -> dict[str, str]:
     found: dict[str, str] = {}
     # aiobreaker, pybreaker and tornado: the breaker scenario's peers (tornado decides
-    # whether pybreaker is measured async or sync).
-    for package in ("actorbus", "anyio", "trio", "msgspec", "aiobreaker", "pybreaker", "tornado"):
+    # whether pybreaker is measured async or sync); pykka, thespian and eventsourcing: the
+    # peers scenarios'.
+    for package in (
+        "actorbus",
+        "anyio",
+        "trio",
+        "msgspec",
+        "aiobreaker",
+        "pybreaker",
+        "tornado",
+        "pykka",
+        "thespian",
+        "eventsourcing",
+    ):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

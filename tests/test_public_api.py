@@ -18,7 +18,8 @@ PACKAGES = [engine, actors]
 # Public submodules DESIGN.md names (engine.events, engine.validation, ...);
 # every other module of a package is private (a leading underscore).
 PUBLIC_SUBMODULES = {
-    "engine": {"asgi", "cache", "catalog", "events", "tenancy", "validation"},
+    # prometheus is public but optional (the prometheus extra): not imported by engine.
+    "engine": {"asgi", "cache", "catalog", "events", "prometheus", "tenancy", "validation"},
     "actors": set(),
 }
 
