@@ -1,11 +1,12 @@
-"""A first look at actorbus: actors, a crash and its restart, then durable events on SQLite.
+"""A small shop on actorbus, on the embedded SQLite default.
 
 Run: python3 examples/quickstart.py [asyncio|trio] [DATABASE]   (DATABASE: a new file)
 
-Part one runs in memory; part two writes orders and their events to an
-SQLite file (a fresh temporary one unless DATABASE is given) with
-``transact``, handles them in a durable subscription and a projection, and
-restarts the engine to show that positions survive.
+- orders are written with ``transact``: the order row and its event commit together;
+- an inventory projection applies each order exactly once, in the same database;
+- billing calls a flaky payment service behind a circuit breaker;
+- a mailer meets a poison message, which ends in the dead letters (with its error);
+- a restart shows that positions survive, then the final metrics.
 """
 
 from __future__ import annotations
@@ -17,150 +18,156 @@ from typing import Any
 
 import anyio
 
-from engine import Actor, ActorRef, Backoff, Engine, Event, Strategy, Transaction
+from engine import (
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    Engine,
+    Event,
+    Transaction,
+)
 
 
 class OrderPlaced(Event, tag="quickstart.order_placed"):
     order: str
+    sku: str
+    quantity: int
     amount: int
+    email: str
 
 
-class Counter(Actor):
-    """Keeps a count; its state is lost when it crashes and restarts fresh."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def on_start(self) -> None:
-        print(f"  [counter] on_start (count={self.count})")
-
-    async def on_restart(self, error: BaseException) -> None:
-        print(f"  [counter] on_restart after {type(error).__name__}: {error}")
-
-    async def on_stop(self) -> None:
-        print(f"  [counter] on_stop (count={self.count})")
-
-    async def receive(self, message: Any) -> Any:
-        match message:
-            case ("add", int(n)):
-                self.count += n
-                return self.count
-            case "get":
-                return self.count
-            case "crash":
-                raise RuntimeError("simulated crash")
-            case _:
-                raise ValueError(f"unknown message {message!r}")
+STOCK = {"mug": 10, "tee": 5}
+ORDERS = [
+    ("o-1", "mug", 2, 24, "ada@example.com"),
+    ("o-2", "tee", 1, 20, "grace@example.com"),
+    ("o-3", "mug", 1, 12, "not-an-email"),  # the mailer's poison message
+    ("o-4", "tee", 2, 40, "alan@example.com"),
+    ("o-5", "mug", 9, 108, "edsger@example.com"),  # more mugs than in stock: refused
+]
 
 
-class Greeter(Actor):
-    """Talks to the counter through its ref: actors never hold each other."""
-
-    def __init__(self, counter: ActorRef[Any]) -> None:
-        self.counter = counter
-
-    async def receive(self, name: str) -> str:
-        visits = await self.counter.ask(("add", 1))
-        return f"hello {name}, you are visitor #{visits}"
-
-
-async def actors() -> None:
-    async with Engine() as engine:
-        sup = await engine.supervisor(
-            "app", strategy=Strategy.ONE_FOR_ONE, backoff=Backoff(initial=0.05)
-        )
-        counter = await sup.spawn(Counter, name="counter", max_attempts=2)
-        greeter = await sup.spawn(lambda: Greeter(counter), name="greeter")
-
-        print("1. tell and ask")
-        await counter.tell(("add", 10))
-        print(f"   count is {await counter.ask('get')}")
-        print(f"   {await greeter.ask('ada')}")
-
-        print("2. a crash: the counter is restarted with fresh state, the message retried")
-        try:
-            await counter.ask("crash")
-        except RuntimeError as exc:
-            print(f"   ask raised the handler's error after 2 attempts: {exc}")
-        print(f"   count is {await counter.ask('get')} (a fresh instance)")
-        print(f"   {await greeter.ask('grace')}")
-
-        print("3. dead letters keep what could not be handled")
-        for letter in engine.dead_letters.list():
-            print(f"   #{letter.id} {letter.actor}: {letter.message!r} {letter.reason}")
-            print(f"      {letter.error}, attempts={letter.attempts}")
-
-        print("4. statistics")
-        for stats in engine.metrics().actors.values():
-            print(
-                f"   {stats.name}: processed={stats.processed} failed={stats.failed} "
-                f"restarts={stats.restarts} peak_depth={stats.peak_depth}"
-            )
-        print("5. leaving the engine: drain, then on_stop in reverse start order")
-
-
-def place(order: str, amount: int) -> Any:
-    """A transact function: the order row and its event commit together, or neither."""
+def place(order: str, sku: str, quantity: int, amount: int, email: str) -> Any:
+    """A transact function: checks stock, writes the order and publishes its event."""
 
     def write(tx: Transaction) -> None:
-        tx.db.table("orders").insert({"id": order, "amount": amount}, pk="id")
-        tx.publish(OrderPlaced(order=order, amount=amount))
-        if amount < 0:
-            raise ValueError(f"order {order}: amount must be >= 0")
+        row = tx.conn.execute("SELECT stock FROM inventory WHERE sku = ?", (sku,)).fetchone()
+        if row is None or row[0] < quantity:
+            raise ValueError(f"{order}: not enough {sku} in stock")
+        tx.db.table("orders").insert({"id": order, "sku": sku, "quantity": quantity}, pk="id")
+        tx.publish(OrderPlaced(order=order, sku=sku, quantity=quantity, amount=amount, email=email))
 
     return write
 
 
-def revenue(tx: Transaction, event: OrderPlaced) -> None:
-    """A projection: runs in the transaction that moves its position (exactly once)."""
+def take_stock(tx: Transaction, event: OrderPlaced) -> None:
+    """The inventory projection: runs in the transaction that moves its position."""
     tx.conn.execute(
-        "INSERT INTO revenue (day, total) VALUES ('today', ?) "
-        "ON CONFLICT (day) DO UPDATE SET total = total + excluded.total",
-        (event.amount,),
+        "UPDATE inventory SET stock = stock - ? WHERE sku = ?", (event.quantity, event.sku)
     )
 
 
-async def durable(database: Path) -> None:
+def schema(tx: Transaction) -> None:
+    tx.conn.execute("CREATE TABLE IF NOT EXISTS inventory (sku TEXT PRIMARY KEY, stock INTEGER)")
+    tx.conn.executemany("INSERT OR IGNORE INTO inventory VALUES (?, ?)", STOCK.items())
+
+
+class PaymentService:
+    """A flaky dependency: it fails its first two charges, then recovers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def charge(self, order: str, amount: int) -> str:
+        self.calls += 1
+        await anyio.sleep(0.001)
+        if self.calls <= 2:
+            raise ConnectionError("payment service unreachable")
+        return f"receipt-{order}"
+
+
+def settled(engine: Engine, billed: int) -> bool:
+    """Every order billed and every durable subscription caught up."""
+    lag = engine.metrics().lag
+    return billed >= 4 and len(lag) == 3 and set(lag.values()) == {0}
+
+
+async def shop(database: Path) -> None:
+    payments = PaymentService()
+    billed: list[str] = []
     mailed: list[str] = []
 
-    async def mailer(event: OrderPlaced) -> None:
+    async def bill(event: OrderPlaced) -> None:
+        try:
+            receipt = await breaker.call(payments.charge, event.order, event.amount)
+        except CircuitOpenError as exc:
+            print(f"   billing {event.order}: breaker open, retry in {exc.retry_after:.2f} s")
+            raise
+        except ConnectionError as exc:
+            print(f"   billing {event.order}: {exc} (breaker {breaker.state})")
+            raise
+        billed.append(event.order)
+        print(f"   billing {event.order}: {receipt}")
+
+    async def mail(event: OrderPlaced) -> None:
+        if "@" not in event.email:
+            raise ValueError(f"cannot mail {event.email!r}")
         mailed.append(event.order)
 
-    for run in (1, 2):
-        async with Engine(database) as engine:
-            engine.subscribe(OrderPlaced, handler=mailer, name="mailer")
-            engine.project(OrderPlaced, projector=revenue, name="revenue")
-            if run == 1:
-                await engine.transact(
-                    lambda tx: tx.conn.execute(
-                        "CREATE TABLE IF NOT EXISTS revenue (day TEXT PRIMARY KEY, total INTEGER)"
-                    )
-                )
-                for order, amount in [("o-1", 30), ("o-2", 12), ("o-3", -5)]:
-                    try:
-                        await engine.transact(place(order, amount))
-                    except ValueError as exc:
-                        print(f"   rolled back: {exc} (no row, no event)")
-            else:
-                await engine.transact(place("o-4", 8))
-        print(f"   run {run}: the mailer got {mailed}")
-        mailed.clear()
+    print("1. orders, written with transact (row and event commit together, or neither)")
     async with Engine(database) as engine:
-        total = await engine.transact(
-            lambda tx: tx.conn.execute("SELECT total FROM revenue").fetchone()[0]
+        breaker = engine.breaker("payments", CircuitBreakerConfig(failure_threshold=2, timeout=0.1))
+        engine.project(OrderPlaced, projector=take_stock, name="inventory")
+        engine.subscribe(OrderPlaced, handler=bill, name="billing", max_attempts=4)
+        engine.subscribe(OrderPlaced, handler=mail, name="mailer")
+        await engine.transact(schema)
+        for order in ORDERS:
+            try:
+                await engine.transact(place(*order))
+                print(f"   placed {order[0]}: {order[2]} x {order[1]}")
+            except ValueError as exc:
+                print(f"   refused {exc} (nothing written, nothing published)")
+        print("2. leaving the engine drains what was committed")
+    print(f"   billed {billed}, mailed {mailed}")
+    first_run = list(billed)
+
+    print("3. a restart: positions survive (nothing is handled twice), dead letters too")
+    billed.clear()
+    mailed.clear()
+    async with Engine(database) as engine:
+        breaker = engine.breaker("payments")
+        engine.project(OrderPlaced, projector=take_stock, name="inventory")
+        engine.subscribe(OrderPlaced, handler=bill, name="billing", max_attempts=4)
+        engine.subscribe(OrderPlaced, handler=mail, name="mailer")
+        for letter in engine.dead_letters.list():
+            print(f"   dead letter #{letter.id} for {letter.actor}: {letter.error}")
+        print("4. the payment service is back: replay billing's dead letters")
+        for letter in engine.dead_letters.list():
+            if letter.actor == "billing":
+                await engine.dead_letters.replay(letter.id)
+        with anyio.fail_after(5):  # a bounded wait on the engine's own metrics
+            while not settled(engine, len(first_run) + len(billed)):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        stock = await engine.transact(
+            lambda tx: dict(tx.conn.execute("SELECT sku, stock FROM inventory ORDER BY sku"))
         )
-        rows = await engine.transact(lambda tx: tx.db.table("orders").count)
-    print(f"   {rows} orders, revenue {total}: each event applied once")
+        print(f"   inventory {stock} (each order applied exactly once)")
+        m = engine.metrics()
+        print(f"   outbox head {m.outbox_head}, lag {dict(sorted(m.lag.items()))}")
+        payments_metrics = m.breakers["payments"]
+        print(
+            f"   breaker payments: {payments_metrics.state}, {payments_metrics.successes} successes"
+        )
+        print(f"   dead letters left: {engine.dead_letters.count()} (the mailer's poison)")
+    every_order_once = sorted(first_run + billed) == ["o-1", "o-2", "o-3", "o-4"]
+    print(f"   every order billed once: {every_order_once}")
+    print(f"   mailed after the restart: {mailed} (positions survived)")
 
 
 async def main() -> None:
-    await actors()
-    print("6. durable events on SQLite: transact, a subscription and a projection")
     if len(sys.argv) > 2:
-        await durable(Path(sys.argv[2]))  # checked to be new before anything ran
+        await shop(Path(sys.argv[2]))  # checked to be new before anything ran
     else:
         with tempfile.TemporaryDirectory() as directory:
-            await durable(Path(directory) / "quickstart.db")
+            await shop(Path(directory) / "shop.db")
     print("done")
 
 
