@@ -49,8 +49,12 @@ def place(order: str, sku: str, quantity: int, amount: int, email: str) -> Any:
     """A transact function: checks stock, writes the order and publishes its event."""
 
     def write(tx: Transaction) -> None:
-        row = tx.conn.execute("SELECT stock FROM inventory WHERE sku = ?", (sku,)).fetchone()
-        if row is None or row[0] < quantity:
+        # Checked against the orders themselves, in this transaction: the
+        # inventory projection may lag behind the writes by a few milliseconds.
+        (sold,) = tx.conn.execute(
+            "SELECT coalesce(sum(quantity), 0) FROM orders WHERE sku = ?", (sku,)
+        ).fetchone()
+        if sold + quantity > STOCK[sku]:
             raise ValueError(f"{order}: not enough {sku} in stock")
         tx.db.table("orders").insert({"id": order, "sku": sku, "quantity": quantity}, pk="id")
         tx.publish(OrderPlaced(order=order, sku=sku, quantity=quantity, amount=amount, email=email))
@@ -67,6 +71,9 @@ def take_stock(tx: Transaction, event: OrderPlaced) -> None:
 
 def schema(tx: Transaction) -> None:
     tx.conn.execute("CREATE TABLE IF NOT EXISTS inventory (sku TEXT PRIMARY KEY, stock INTEGER)")
+    tx.conn.execute(
+        "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, sku TEXT, quantity INTEGER)"
+    )
     tx.conn.executemany("INSERT OR IGNORE INTO inventory VALUES (?, ?)", STOCK.items())
 
 
