@@ -1,7 +1,9 @@
 """``python -m benchmarks``: every scenario in a fresh subprocess, a table, JSON.
 
 Options: ``--quick`` (small N, few repetitions), ``--backend asyncio|trio|both``,
-``--only NAME`` (scenario name substring), ``--json PATH``.
+``--only NAME`` (scenario name substring), ``--json PATH``, ``--plot DIR`` (PNG charts).
+A rich progress bar shows on a terminal (one task per scenario); the output is plain
+when stdout is not a TTY or with ``--smoke``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import argparse
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         default=DEFAULT_JSON,
         help="where to write the results (default: benchmarks/results/latest.json)",
     )
+    parser.add_argument(
+        "--plot",
+        metavar="DIR",
+        type=Path,
+        help="draw PNG charts (throughput, latency percentiles, durable writers) into DIR",
+    )
     # For the test suite: a tiny N that checks the plumbing, not the speed.
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -84,6 +93,41 @@ def _run_child(name: str, backend: str, n: int, repeats: int) -> dict[str, Any]:
     return result
 
 
+Step = Callable[[str, str], None]
+"""``step(task, message)``: a child is about to run (``message`` says which)."""
+
+
+@contextmanager
+def _progress(tasks: dict[str, int], fancy: bool) -> Iterator[tuple[Step, Callable[[str], None]]]:
+    """``(start, done)`` callbacks: a rich progress bar (one task per scenario) or plain lines."""
+    if not fancy:
+
+        def plain_start(task: str, message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
+
+        yield plain_start, lambda task: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=sys.stderr),
+    ) as progress:
+        ids = {name: progress.add_task(name, total=total) for name, total in tasks.items()}
+
+        def start(task: str, message: str) -> None:
+            progress.update(ids[task], description=message.removesuffix("..."))
+
+        def done(task: str) -> None:
+            progress.update(ids[task], advance=1, description=task)
+
+        yield start, done
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     registry = scenarios()
@@ -111,17 +155,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
 
     results: list[dict[str, Any]] = []
-    for name in names:
-        n = registry[name].n[mode]
-        for backend in backends:
-            print(f"running {name} on {backend} (N={n:,})...", file=sys.stderr, flush=True)
-            results.append(_run_child(name, backend, n, repeats))
     figures: list[dict[str, Any]] = []
+    tasks = {name: len(backends) for name in names}
     if with_events:
-        # The events scenario measures validation and encoding, which do not
-        # touch the event loop: one run serves both backends.
-        print(f"running {EVENTS}...", file=sys.stderr, flush=True)
-        figures.append(_run_child(EVENTS, "n/a", EVENTS_N[mode], 1))
+        tasks[EVENTS] = 1
+    fancy = sys.stdout.isatty() and not args.smoke
+    with _progress(tasks, fancy) as (start, done):
+        for name in names:
+            n = registry[name].n[mode]
+            for backend in backends:
+                start(name, f"running {name} on {backend} (N={n:,})...")
+                results.append(_run_child(name, backend, n, repeats))
+                done(name)
+        if with_events:
+            # The events scenario measures validation and encoding, which do not
+            # touch the event loop: one run serves both backends.
+            start(EVENTS, f"running {EVENTS}...")
+            figures.append(_run_child(EVENTS, "n/a", EVENTS_N[mode], 1))
+            done(EVENTS)
 
     if results:
         print(format_results(results))
@@ -142,6 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = {**info, "mode": mode, "results": results, "figures": figures}
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"\nwrote {path}")
+    if args.plot is not None:
+        from ._plot import plot
+
+        charts = plot(document, args.plot)
+        for chart in charts:
+            print(f"wrote {chart}")
+        if not charts:
+            print(f"no chart: none of the scenarios run has data to plot (--plot {args.plot})")
     failed = [entry for entry in [*results, *figures] if "error" in entry]
     return 1 if failed else 0
 

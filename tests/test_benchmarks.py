@@ -30,6 +30,9 @@ SCENARIOS = {
     "breaker_overhead",
     "resolver_cached",
     "resolver_cold_1000",
+    "peers_tell",
+    "peers_ask",
+    "peers_durable_1",
 }
 
 
@@ -190,6 +193,32 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
         assert single_flight["ours"] == pytest.approx(cold["ours"])
         assert all(key not in single_flight for key in ("target", "met"))
         assert len(extra["load_start_ms"]) == cold["repeats"]
+    for peers in (r for r in results if r["scenario"].startswith("peers_")):
+        extra = peers["extra"]
+        assert (peers["target"], peers["met"]) == ("-", None)
+        # Every peer ran on asyncio; the asyncio.Queue floor only there.
+        expected = {
+            "peers_tell": {"pykka", "thespian", "asyncio_queue"},
+            "peers_ask": {"pykka", "thespian", "asyncio_queue"},
+            "peers_durable_1": {"eventsourcing"},
+        }[peers["scenario"]]
+        if peers["backend"] == "trio":
+            expected -= {"asyncio_queue"}
+        assert set(extra["peers"]) == expected
+        assert all(row["ours"] > 0 and row["limit"] > 0 for row in extra.get("rows", ()))
+        if peers["scenario"] == "peers_tell":
+            assert peers["unit"] == "msgs/s"
+            assert extra["label"] == "peers_tell vs pykka"
+            assert extra["ratios"]["pykka"] == pytest.approx(peers["ratio"])
+        elif peers["scenario"] == "peers_ask":
+            assert peers["unit"] == "µs"
+            assert set(extra["p99_us"]) == expected | {"ours"}
+            assert extra["ours_p99"] >= peers["ours"]
+        else:
+            assert peers["unit"] == "events/s"
+            assert extra["durability"] == "full"
+            assert extra["fsync_ms"] > 0
+    assert "peers_tell vs thespian" in done.stdout
     assert "resolver_cold_1000 loader calls" in done.stdout
     assert "breaker call_timeout vs cancel scope + 0.5 µs" in done.stdout
     assert "transact_100 / transact_1 (full)" in done.stdout
@@ -217,3 +246,50 @@ def test_harness_rejects_an_unknown_scenario(tmp_path: Path) -> None:
 
     assert done.returncode == 2
     assert "no scenario matches" in done.stdout
+
+
+def test_plot_writes_pngs_from_a_tiny_document(tmp_path: Path) -> None:
+    from benchmarks._plot import plot
+
+    scale_rows = [{"subscriptions": count, "ours": 1e6, "limit": 2e6} for count in (8, 100, 1000)]
+    document = {
+        "results": [
+            {"scenario": "fanout_scale", "backend": "asyncio", "extra": {"rows": scale_rows}},
+            {
+                "scenario": "ask_roundtrip",
+                "backend": "asyncio",
+                "ours": 30.0,
+                "limit": 40.0,
+                "extra": {"ours_p99": 100.0, "limit_p99": 120.0},
+            },
+            {"scenario": "peers_ask", "backend": "trio", "error": "skipped"},
+        ]
+    }
+
+    written = plot(document, tmp_path / "charts")
+
+    assert [path.name for path in written] == ["fanout_scale.png", "ask_latency.png"]
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
+
+
+def test_harness_plot_option_writes_a_png_and_names_it(tmp_path: Path) -> None:
+    charts = tmp_path / "charts"
+
+    done = _run_harness(
+        "--smoke",
+        "--backend",
+        "asyncio",
+        "--only",
+        "ask_roundtrip",
+        "--json",
+        str(tmp_path / "x.json"),
+        "--plot",
+        str(charts),
+    )
+
+    assert done.returncode == 0, done.stderr
+    pngs = sorted(charts.glob("*.png"))
+    assert [path.name for path in pngs] == ["ask_latency.png"]
+    assert f"wrote {pngs[0]}" in done.stdout
+    # Not a terminal: plain progress lines, no rich bar.
+    assert "running ask_roundtrip on asyncio" in done.stderr
