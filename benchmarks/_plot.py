@@ -68,6 +68,27 @@ def fanout_scale(results: Sequence[dict[str, Any]], directory: Path) -> Path | N
     return _save(figure, directory, "fanout_scale.png")
 
 
+def actors_scale(results: Sequence[dict[str, Any]], directory: Path) -> Path | None:
+    """Aggregate msgs/s against the number of actors (actors_scale), ours and raw."""
+    runs = _ok(results, "actors_scale")
+    if not runs:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        rows = run["extra"]["rows"]
+        counts = [row["actors"] for row in rows]
+        backend = run["backend"]
+        axes.plot(counts, [row["ours"] for row in rows], "o-", label=f"ours ({backend})")
+        axes.plot(counts, [row["limit"] for row in rows], "s--", label=f"raw anyio ({backend})")
+    axes.set_xscale("log")
+    axes.set_xlabel("actors (raw: streams and consumer tasks)")
+    axes.set_ylabel("msgs/s")
+    axes.set_ylim(bottom=0)
+    axes.set_title("Aggregate throughput vs number of actors")
+    axes.legend(fontsize=8)
+    return _save(figure, directory, "actors_scale.png")
+
+
 def ask_latency(results: Sequence[dict[str, Any]], directory: Path) -> Path | None:
     """Ask round trip p50 and p99 (µs): ask_roundtrip (ours, raw) and peers_ask (the peers)."""
     groups: dict[str, dict[str, float]] = {}
@@ -138,7 +159,7 @@ def plot(document: dict[str, Any], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = document.get("results", [])
     written = []
-    for chart in (fanout_scale, ask_latency, commit_to_handler, durable_writers):
+    for chart in (fanout_scale, actors_scale, ask_latency, commit_to_handler, durable_writers):
         path = chart(results, directory)
         if path is not None:
             written.append(path)

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from engine import Actor, Engine
+from engine import Actor, Engine, MailboxFull
 
 from ._harness import Measurement, Scenario, median, percentile
 
@@ -274,6 +275,136 @@ async def ask_roundtrip(n: int, repeats: int) -> Measurement:
     )
 
 
+# ---------------------------------------------------------- (d) many actors
+
+
+SCALE_COUNTS = (10, 100, 1_000, 10_000)
+_SCALE_MIN_SHARE = 10
+"""A count runs only when each actor gets at least this many of the N messages."""
+
+
+def scale_counts(n: int) -> tuple[int, ...]:
+    """The actor counts measured with ``n`` messages: full 10 to 10,000, quick to 1,000."""
+    return tuple(count for count in SCALE_COUNTS if count * _SCALE_MIN_SHARE <= n)
+
+
+async def _actors_at(count: int, n: int, repeats: int) -> tuple[list[float], list[float]]:
+    """``n`` messages round-robin over ``count`` actors (ours) or streams (raw); seconds each.
+
+    Every mailbox and stream buffer holds its actor's whole share, so the
+    ``await tell`` / ``await send`` fallback is there as a user would write it
+    but no sender waits: the figures are the cost of delivering, not of throttling.
+    """
+    share = -(-n // count)
+    probe = _Probe()
+
+    async def raw() -> float:
+        pairs = [anyio.create_memory_object_stream[int](share) for _ in range(count)]
+        sends = [send for send, _ in pairs]
+
+        async def consume(receive: MemoryObjectReceiveStream[int]) -> None:
+            receive_nowait = receive.receive_nowait
+            with receive:
+                while True:
+                    try:
+                        message = receive_nowait()
+                    except anyio.WouldBlock:
+                        try:
+                            message = await receive.receive()
+                        except anyio.EndOfStream:
+                            return
+                    except anyio.EndOfStream:
+                        return
+                    # The same user work as _Sink.receive.
+                    del message
+                    probe.count += 1
+                    if probe.count == probe.target:
+                        probe.done.set()
+
+        probe.arm(n)
+        async with anyio.create_task_group() as tg:
+            for _, receive in pairs:
+                tg.start_soon(consume, receive)
+            await _settle()
+            nowait = [send.send_nowait for send in sends]
+            start = _now()
+            for i in range(n):
+                index = i % count
+                try:
+                    nowait[index](i)
+                except anyio.WouldBlock:
+                    await sends[index].send(i)
+            await probe.done.wait()
+            elapsed = _now() - start
+            for send in sends:
+                send.close()
+        return elapsed
+
+    async with Engine() as engine:
+        refs = [
+            await engine.spawn(lambda: _Sink(probe), name=f"a{i}", capacity=share)
+            for i in range(count)
+        ]
+
+        async def ours() -> float:
+            probe.arm(n)
+            try_tells = [ref.try_tell for ref in refs]
+            start = _now()
+            for i in range(n):
+                index = i % count
+                try:
+                    try_tells[index](i)
+                except MailboxFull:
+                    await refs[index].tell(i)
+            await probe.done.wait()
+            return _now() - start
+
+        return await _alternate(raw, ours, repeats)
+
+
+async def actors_scale(n: int, repeats: int) -> Measurement:
+    """Aggregate throughput of ``n`` messages sent round-robin to 10 ... 10,000 actors.
+
+    Each count (see ``scale_counts``) spawns its actors in a fresh engine; raw
+    runs one memory object stream and one consumer task per actor. One row per
+    count (ours, raw, ratio); the headline is ours at the largest count against
+    ours at the smallest: how aggregate throughput holds up as actors multiply.
+    """
+    counts = scale_counts(n)
+    rows: list[dict[str, Any]] = []
+    ours_rates: dict[int, list[float]] = {}
+    raw_rates: dict[int, list[float]] = {}
+    for count in counts:
+        raw_seconds, ours_seconds = await _actors_at(count, n, repeats)
+        measured = _throughput(n, raw_seconds, ours_seconds)
+        ours_rates[count] = measured.extra["ours_rates"]
+        raw_rates[count] = measured.extra["limit_rates"]
+        rows.append(
+            {
+                "label": f"actors_scale @{count}",
+                "actors": count,
+                "messages": n,
+                "unit": "msgs/s",
+                "ours": measured.ours,
+                "limit": measured.limit,
+                "pair_ratio_min": min(measured.pair_ratios),
+                "pair_ratio_max": max(measured.pair_ratios),
+            }
+        )
+        gc.collect()
+    low, high = counts[0], counts[-1]
+    return Measurement(
+        ours=median(ours_rates[high]),
+        limit=median(ours_rates[low]),
+        pair_ratios=[h / lo for h, lo in zip(ours_rates[high], ours_rates[low], strict=True)],
+        extra={
+            "label": f"actors_scale ours @{high} vs ours @{low}",
+            "rows": rows,
+            "limit_growth": median(raw_rates[high]) / median(raw_rates[low]),
+        },
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
@@ -300,6 +431,16 @@ SCENARIOS: dict[str, Scenario] = {
             higher_is_better=False,
             target=0.9,
             n={"full": 10_000, "quick": 1_000, "smoke": 200},
+        ),
+        Scenario(
+            name="actors_scale",
+            run=actors_scale,
+            unit="msgs/s",
+            higher_is_better=True,
+            target=None,
+            # N messages per count: 10 to 10,000 actors in full, to 1,000 in quick, 10 and 100
+            # in smoke (see scale_counts).
+            n={"full": 200_000, "quick": 20_000, "smoke": 1_000},
         ),
     )
 }

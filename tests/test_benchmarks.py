@@ -19,6 +19,7 @@ SCENARIOS = {
     "try_tell_burst",
     "tell_stream",
     "ask_roundtrip",
+    "actors_scale",
     "publish_1",
     "fanout_8",
     "partitions_4",
@@ -42,11 +43,14 @@ def _run_harness(*args: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=240,
         check=False,
     )
 
 
+# Every scenario in a fresh process on both backends: about 35 s here, so the
+# default 60 s would leave a slower or busier CI machine too little room.
+@pytest.mark.timeout(240)
 def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "x.json"
 
@@ -90,6 +94,16 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
         assert [row["subscriptions"] for row in rows] == [8, 100, 1000]
         assert all(row["ours"] > 0 and row["limit"] > 0 for row in rows)
         assert "fanout_scale @1000" in done.stdout
+    assert units["actors_scale"] == "msgs/s"
+    for scale in (r for r in results if r["scenario"] == "actors_scale"):
+        rows = scale["extra"]["rows"]
+        # Smoke N covers 10 and 100 actors; quick adds 1,000, full 10,000.
+        assert [row["actors"] for row in rows] == [10, 100]
+        assert all(row["ours"] > 0 and row["limit"] > 0 for row in rows)
+        assert all(row["messages"] == scale["n"] for row in rows)
+        assert (scale["target"], scale["met"]) == ("-", None)
+        assert scale["extra"]["label"] == "actors_scale ours @100 vs ours @10"
+        assert "actors_scale @100" in done.stdout
     for durable in (r for r in results if r["scenario"].startswith("durable_")):
         extra = durable["extra"]
         durability = extra["durability"]
@@ -252,9 +266,11 @@ def test_plot_writes_pngs_from_a_tiny_document(tmp_path: Path) -> None:
     from benchmarks._plot import plot
 
     scale_rows = [{"subscriptions": count, "ours": 1e6, "limit": 2e6} for count in (8, 100, 1000)]
+    actor_rows = [{"actors": count, "ours": 1e6, "limit": 2e6} for count in (10, 100, 1000)]
     document = {
         "results": [
             {"scenario": "fanout_scale", "backend": "asyncio", "extra": {"rows": scale_rows}},
+            {"scenario": "actors_scale", "backend": "trio", "extra": {"rows": actor_rows}},
             {
                 "scenario": "ask_roundtrip",
                 "backend": "asyncio",
@@ -268,7 +284,11 @@ def test_plot_writes_pngs_from_a_tiny_document(tmp_path: Path) -> None:
 
     written = plot(document, tmp_path / "charts")
 
-    assert [path.name for path in written] == ["fanout_scale.png", "ask_latency.png"]
+    assert [path.name for path in written] == [
+        "fanout_scale.png",
+        "actors_scale.png",
+        "ask_latency.png",
+    ]
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
 
 
