@@ -320,9 +320,17 @@ class TenantResolver(Generic[_T]):
         if entry is not None and anyio.current_time() < entry.expires and not self._cell.closed:
             state.entries.move_to_end(key)
             return state.answer(entry, key)
-        flight: _Flight[_T] | None = None
+        # A load of this key already in flight: wait for it without a message to the
+        # actor (1,000 cold callers cost one ask, not 1,000).
+        flight: _Flight[_T] | None = state.flights.get(key)
+        if flight is not None and not self._cell.closed:
+            state.misses += 1
+            state.coalesced += 1
+        else:
+            flight = None
         with anyio.move_on_after(timeout):
-            flight = await self._ref.ask(_Resolve(key), timeout=None)
+            if flight is None:
+                flight = await self._ref.ask(_Resolve(key), timeout=None)
             await flight.done.wait()
         if flight is None or not flight.done.is_set():
             raise TimeoutError(f"tenant {key} was not resolved within {timeout} s")
