@@ -8,6 +8,7 @@ Usage::
     python -m engine dead-letters PATH replay ID
     python -m engine dead-letters PATH purge [--subscriber NAME]
     python -m engine prune PATH --older-than AGE
+    python -m engine forget PATH NAME
 
 ``status``, ``list`` and ``show`` open the database read-only. ``replay``, ``purge``
 and ``prune`` write in one ``BEGIN IMMEDIATE`` transaction, safe next to a running
@@ -15,7 +16,10 @@ engine. No command creates or migrates a database. ``replay`` only flags the row
 a running engine on the database redelivers it within about a second (or the next
 one to start). ``prune`` deletes events older than AGE (``7d``, ``12h``, ``30m``,
 ``45s``, ``0``) that every tracked subscription has passed; with no tracked
-subscription every old event counts as passed.
+subscription every old event counts as passed. ``forget`` deletes the stored
+positions of a subscription (or projection) that is no longer run, so it stops
+holding back ``prune``; were it registered again, it would start over from the
+oldest retained event.
 
 Errors are one line on stderr (``error: ...``) with exit status 1; bad arguments
 exit with status 2.
@@ -242,6 +246,17 @@ def _prune(args: argparse.Namespace) -> None:
     print(f"pruned {deleted} events")
 
 
+def _forget(args: argparse.Namespace) -> None:
+    with _transaction(args.path) as conn:
+        deleted = conn.execute("DELETE FROM tracking WHERE subscriber = ?", (args.name,)).rowcount
+        if not deleted:
+            raise CliError(f"no subscription named {args.name!r} is tracked in {args.path}")
+    print(
+        f"forgot subscription {args.name!r} ({deleted} partition positions); if an engine "
+        "still runs it, its next checkpoint stores them again"
+    )
+
+
 def _dead_letters(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     action = args.action
     if action in ("show", "replay") and args.id is None:
@@ -310,6 +325,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     prune.add_argument(
         "--older-than", type=_age, required=True, metavar="AGE", help="like 7d, 12h, 30m, 45s"
     )
+
+    forget = commands.add_parser(
+        "forget", help="delete a retired subscription's positions (it no longer holds prune)"
+    )
+    forget.add_argument("path", metavar="PATH")
+    forget.add_argument("name", metavar="NAME", help="the subscription or projection")
     return parser, letters
 
 
@@ -322,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             _status(args)
         elif args.command == "dead-letters":
             _dead_letters(args, letters)
+        elif args.command == "forget":
+            _forget(args)
         else:
             _prune(args)
     except CliError as exc:

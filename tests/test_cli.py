@@ -567,3 +567,25 @@ def test_usage_errors_say_what_is_wrong(db: str, capsys: pytest.CaptureFixture[s
     err = usage_error(capsys, "prune", db, "--older-than", "-1d")
     assert "argument --older-than: expected one argument" in err
     assert query(db, "SELECT count(*) FROM dead_letters WHERE replay_requested = 0") == [(3,)]
+
+
+def test_forget_lets_prune_pass_a_retired_subscription(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "orders" (lowest position 3) holds prune back; "stats" has passed everything.
+    assert run(capsys, "prune", db, "--older-than", "7d")[1] == "pruned 3 events\n"
+    code, out, err = run(capsys, "forget", db, "orders")
+    assert (code, err) == (0, "")
+    assert out.startswith("forgot subscription 'orders' (2 partition positions)")
+    assert query(db, "SELECT DISTINCT subscriber FROM tracking") == [("stats",)]
+    assert run(capsys, "prune", db, "--older-than", "7d")[1] == "pruned 1 events\n"
+    assert seqs(db) == [5, 6]
+
+
+def test_forget_of_an_unknown_subscription_fails(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = failed(capsys, "forget", db, "nobody")
+    assert err == f"error: no subscription named 'nobody' is tracked in {db}\n"
+    assert len(query(db, "SELECT * FROM tracking")) == 3
+    usage_error(capsys, "forget", db)
