@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -141,14 +142,28 @@ class BackpressureController:
 
     async def acquire(self, timeout: float | None) -> None:  # noqa: ASYNC109
         """Take a slot, waiting while CRITICAL; ``BackpressureError`` after ``timeout``."""
-        if self.try_acquire():
-            return
+        if not self.try_acquire():
+            await self._wait_for_relief(timeout, self.try_acquire)
+
+    async def admit(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Wait while CRITICAL without taking a slot; ``BackpressureError`` after ``timeout``.
+
+        For durable publishers: the relay takes the event's slot when it dispatches.
+        """
+        if self.state is _CRITICAL:
+            await self._wait_for_relief(timeout, lambda: self.state is not _CRITICAL)
+
+    async def _wait_for_relief(
+        self,
+        timeout: float | None,  # noqa: ASYNC109
+        ready: Callable[[], bool],
+    ) -> None:
         with anyio.move_on_after(timeout if timeout is not None else math.inf):
             while True:
                 if self._relieved is None:
                     self._relieved = anyio.Event()
                 await self._relieved.wait()
-                if self.try_acquire():
+                if ready():
                     return
         self.rejected += 1
         raise BackpressureError(

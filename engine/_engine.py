@@ -996,9 +996,7 @@ class Engine:
         if store is not None:
             # Durable: the outbox holds it once committed; the relay takes the
             # slot when it dispatches. Publishers still wait while CRITICAL.
-            if controller.state is BackpressureState.CRITICAL:
-                await controller.acquire(timeout)
-                controller.give_back()
+            await controller.admit(timeout)
             await store.call(lambda tx: tx._append(event))
             return
         if not controller.try_acquire():

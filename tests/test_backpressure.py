@@ -114,6 +114,27 @@ def test_with_max_depth_100_the_controller_takes_exactly_90_slots() -> None:
     )
 
 
+async def test_admit_waits_while_critical_without_taking_a_slot() -> None:
+    # A durable publisher waits out CRITICAL but holds no slot (the relay takes it):
+    # one event short of CRITICAL, admitting it must not tip the state over.
+    controller = BackpressureController(HUNDRED)
+    for _ in range(89):
+        assert controller.try_acquire()
+    before = controller.metrics()
+    await controller.admit(None)
+    assert controller.metrics() == before
+    assert controller.state is WARNING
+
+
+async def test_admit_gives_up_after_its_timeout_while_critical() -> None:
+    controller = BackpressureController(HUNDRED)
+    for _ in range(90):
+        assert controller.try_acquire()
+    with pytest.raises(BackpressureError, match="stayed CRITICAL"):
+        await controller.admit(0.01)
+    assert (controller.depth, controller.accepted, controller.rejected) == (90, 90, 1)
+
+
 @pytest.mark.parametrize(
     ("config", "warning_at", "critical_at", "margin"),
     [
