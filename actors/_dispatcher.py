@@ -282,10 +282,8 @@ class FunctionSubscriber(Actor):
             await self._retry(message, exc)
             return
         cell = self._actorbus_cell
-        if cell is not None and cell.track is not None:
-            message.finish(cell)
-        else:
-            message.done()
+        assert cell is not None
+        message.finish(cell)
 
     async def _retry(self, delivery: Delivery, error: Exception) -> None:
         sub = self.subscription

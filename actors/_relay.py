@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from engine._actor import Actor, Cell
-from engine._deadletters import describe
+from engine._deadletters import DeadLetter, describe
+from engine._engine import RELAY
 from engine._events import Event
 from engine._store import OutboxRow, Request, Transaction, read_outbox
 
@@ -94,15 +95,19 @@ class PartitionTrack:
 class Tracker:
     """A durable subscription's cursor and per-partition positions."""
 
-    def __init__(self, engine: Engine, subscription: Subscription, kind: str) -> None:
+    def __init__(self, engine: Engine, subscription: Subscription) -> None:
         self.engine = engine
         self.subscription = subscription
-        self.kind = kind
         # The last outbox seq this subscription has been handed or has skipped.
         self.cursor = 0
+        # Set together by catch_up: one position each, as last checkpointed.
         self.partitions: list[PartitionTrack] = []
         self.saved: list[int] = []
-        self.caught_up = anyio.Event()
+
+    @property
+    def kind(self) -> str:
+        """How ``tracking`` records it: ``projection`` or ``subscription``."""
+        return "projection" if self.subscription.projector is not None else "subscription"
 
     def passed(self) -> int:
         if self.subscription.live:
@@ -115,9 +120,7 @@ class Tracker:
     def dirty(self) -> list[tuple[int, int]]:
         """(partition, position) pairs that moved since the last checkpoint."""
         return [
-            (i, position)
-            for i, position in enumerate(self.positions())
-            if i >= len(self.saved) or position > self.saved[i]
+            (i, position) for i, position in enumerate(self.positions()) if position > self.saved[i]
         ]
 
 
@@ -129,9 +132,9 @@ def load_positions(conn: sqlite3.Connection, name: str) -> list[tuple[int, int, 
     ).fetchall()
 
 
-def register(engine: Engine, subscription: Subscription, kind: str) -> Tracker:
+def register(engine: Engine, subscription: Subscription) -> Tracker:
     """Give ``subscription`` a tracker; it goes live after ``catch_up``."""
-    tracker = Tracker(engine, subscription, kind)
+    tracker = Tracker(engine, subscription)
     subscription.tracker = tracker
     subscription.live = False
     return tracker
@@ -198,7 +201,6 @@ async def catch_up(engine: Engine, tracker: Tracker) -> None:
             tracker.cursor = row.seq
     subscription.live = True
     engine._router.changed()
-    tracker.caught_up.set()
     logger.debug("subscription %r is live at %d", name, tracker.cursor, extra={"subscriber": name})
 
 
@@ -206,14 +208,7 @@ async def _deliver_row(engine: Engine, tracker: Tracker, row: OutboxRow) -> None
     subscription = tracker.subscription
     event = row.event
     if event is None:
-        engine.dead_letters.add(
-            subscription.name,
-            row.payload,
-            "failed",
-            error=row.error,
-            seq=row.seq,
-            event_type=row.type,
-        )
+        _undecodable(engine, subscription.name, row)
         return
     if not subscription.matches(type(event)):
         return
@@ -227,6 +222,13 @@ async def _deliver_row(engine: Engine, tracker: Tracker, row: OutboxRow) -> None
     if row.seq <= cell.track.start:
         return  # this partition finished it in an earlier run
     await subscription.deliver_to(cell, delivery)
+
+
+def _undecodable(engine: Engine, name: str, row: OutboxRow) -> None:
+    """Dead-letter an outbox row that does not decode, for ``name``, with the decode error."""
+    engine.dead_letters.add(
+        name, row.payload, "failed", error=row.error, seq=row.seq, event_type=row.type
+    )
 
 
 class RelayState:
@@ -290,14 +292,7 @@ class Relay(Actor):
                     return
                 for row in rows:
                     if row.event is None:
-                        engine.dead_letters.add(
-                            "actorbus.relay",
-                            row.payload,
-                            "failed",
-                            error=row.error,
-                            seq=row.seq,
-                            event_type=row.type,
-                        )
+                        _undecodable(engine, RELAY, row)
                     # Even an undecodable row goes through the dispatcher (as a
                     # marker), so the live subscriptions' positions pass it in order.
                     await self._dispatch(controller, row.seq, row.event)
@@ -366,10 +361,7 @@ class ProjectionSubscriber(Actor):
             if request.error is not None:
                 _projection_failed(engine, self.subscription, cell, message, request.error)
                 return
-            letter = request.result
-            if letter is not None:
-                engine.dead_letters.restored(letter)
-            message.finish(cell)
+            _settle(engine, cell, message, request.result)
 
         store.submit(Request(apply, done), bounded=False)
         self.window += 1
@@ -395,15 +387,36 @@ def _projection_step(
         if row is not None and row[0] >= seq:
             return None  # applied before a crash: exactly once
         error = run_projector(tx, projector, event, attempts)
-        letter = None
-        if error is not None:
-            letter = engine.dead_letters.insert_row(
-                conn, name, event, "failed", error, attempts, seq=seq
-            )
-        conn.execute(_UPSERT_POSITION, (name, 0, seq, 1, "projection", time.time()))
-        return letter
+        return _projected(tx, engine, subscription, event, seq, error)
 
     return apply
+
+
+def _projected(
+    tx: Transaction,
+    engine: Engine,
+    subscription: Subscription,
+    event: Event,
+    seq: int,
+    error: BaseException | None,
+) -> DeadLetter | None:
+    """Move the projection past ``seq``, dead-lettering the event in the same transaction
+    if ``error``; returns that dead letter."""
+    name = subscription.name
+    letter = None
+    if error is not None:
+        letter = engine.dead_letters.insert_row(
+            tx.conn, name, event, "failed", error, subscription.max_attempts, seq=seq
+        )
+    tx.conn.execute(_UPSERT_POSITION, (name, 0, seq, 1, "projection", time.time()))
+    return letter
+
+
+def _settle(engine: Engine, cell: Cell, delivery: Delivery, letter: DeadLetter | None) -> None:
+    """After the commit: count the dead letter it wrote (if any) and finish the delivery."""
+    if letter is not None:
+        engine.dead_letters.restored(letter)
+    delivery.finish(cell)
 
 
 def run_projector(
@@ -452,16 +465,10 @@ def _projection_failed(
     )
 
     def record(tx: Transaction) -> Any:
-        letter = engine.dead_letters.insert_row(
-            tx.conn, name, event, "failed", error, subscription.max_attempts, seq=seq
-        )
-        tx.conn.execute(_UPSERT_POSITION, (name, 0, seq, 1, "projection", time.time()))
-        return letter
+        return _projected(tx, engine, subscription, event, seq, error)
 
     def recorded(request: Request) -> None:
-        if request.result is not None:
-            engine.dead_letters.restored(request.result)
-        delivery.finish(cell)
+        _settle(engine, cell, delivery, request.result)
 
     store = engine._store
     assert store is not None
@@ -502,8 +509,6 @@ def checkpoint(engine: Engine) -> Request | None:
             logger.error("checkpoint of positions failed: %s", describe(request.error))
             return
         for tracker, partition, position in changes:
-            while len(tracker.saved) <= partition:
-                tracker.saved.append(0)
             if position > tracker.saved[partition]:
                 tracker.saved[partition] = position
 

@@ -15,7 +15,7 @@ import contextlib
 import enum
 import math
 from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -223,9 +223,7 @@ class CircuitBreaker:
                 with anyio.CancelScope(deadline=anyio.current_time() + self._timeout) as scope:
                     result = await (fn(*args, **kwargs) if args or kwargs else fn())
                 if scope.cancelled_caught:
-                    raise _CallTimedOut(
-                        f"call through breaker {self.name!r} took longer than {self._timeout} s"
-                    )
+                    self._too_slow()
             except BaseException as error:
                 self._outcome(generation, error)
                 raise
@@ -242,13 +240,12 @@ class CircuitBreaker:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> _T:
+        """An open breaker rejects; a half-open one admits a probe while a permit is left."""
         self._requests += 1
-        state = generation.state
         config = self.config
-        if state is not _CLOSED:
-            if state is _OPEN or generation.permits >= config.half_open_max_requests:
-                self._reject(generation)
-            generation.permits += 1
+        if generation.state is _OPEN or generation.permits >= config.half_open_max_requests:
+            self._reject(generation)
+        generation.permits += 1
         timeout = config.call_timeout
         try:
             if timeout is None:
@@ -257,28 +254,26 @@ class CircuitBreaker:
                 with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                     result = await fn(*args, **kwargs)
                 if scope.cancelled_caught:
-                    raise _CallTimedOut(
-                        f"call through breaker {self.name!r} took longer than {timeout} s"
-                    )
+                    self._too_slow()
         except BaseException as error:
-            if state is _HALF_OPEN:
-                generation.permits -= 1
+            generation.permits -= 1  # a probe gives its permit back, whatever happened
             self._outcome(generation, error)
             raise
         self._successes += 1
-        if state is _CLOSED:
-            if generation.failures:
-                generation.failures = 0
-        else:
-            generation.permits -= 1
-            generation.successes += 1
-            if (
-                generation.successes >= config.success_threshold
-                and not generation.reported
-                and generation is self.generation
-            ):
-                generation.reported = self._tell(("close", generation))
+        generation.permits -= 1
+        generation.successes += 1
+        if (
+            generation.successes >= config.success_threshold
+            and not generation.reported
+            and generation is self.generation
+        ):
+            generation.reported = self._tell(("close", generation))
         return result
+
+    def _too_slow(self) -> NoReturn:
+        raise _CallTimedOut(
+            f"call through breaker {self.name!r} took longer than {self.config.call_timeout} s"
+        )
 
     def _reject(self, generation: Generation) -> None:
         self._rejected += 1

@@ -378,31 +378,25 @@ class Engine:
 
     async def _redeliver(self, letter: DeadLetter) -> None:
         subscription = self._router.subscriptions.get(letter.actor)
+        relayed = letter.actor == RELAY
         message = letter.message
-        if subscription is not None and isinstance(message, bytes) and letter.seq is not None:
+        if (
+            (subscription is not None or relayed)
+            and isinstance(message, bytes)
+            and letter.seq is not None
+        ):
             try:  # an outbox row whose type was not registered then may be now
                 message = decode(message)
             except Exception as exc:
                 raise EngineError(
                     f"cannot replay dead letter {letter.id}: its event does not decode ({exc})"
                 ) from exc
-        if letter.actor == RELAY and letter.seq is not None:
-            # The relay could not decode it then: to every live subscription now.
-            try:
-                event = decode(message)
-            except Exception as exc:
-                raise EngineError(
-                    f"cannot replay dead letter {letter.id}: its event does not decode ({exc})"
-                ) from exc
+        if isinstance(message, Event) and (subscription is not None or relayed):
             self._check_publishing()
-            await self._controller.acquire(None)
-            self._dispatch(self._delivery(event, self._controller))
-            return
-        if subscription is not None and isinstance(message, Event):
-            self._check_publishing()
-            if subscription.projector is not None:
+            if subscription is not None and subscription.projector is not None:
                 await self._replay_projection(subscription, message, letter)
                 return
+            # The relay's: to every live subscription; a subscription's: to it alone.
             await self._controller.acquire(None)
             self._dispatch(self._delivery(message, self._controller, subscription))
             return
@@ -544,10 +538,10 @@ class Engine:
         await self._store_done.wait()
         self.dead_letters.detach()
 
-    def _track(self, subscription: Subscription, kind: str) -> Tracker:
+    def _track(self, subscription: Subscription) -> Tracker:
         from actors._relay import register
 
-        return register(self, subscription, kind)
+        return register(self, subscription)
 
     async def _catch_up(self, tracker: Tracker) -> None:
         from actors._relay import catch_up
@@ -909,9 +903,7 @@ class Engine:
         for taken in [_supervisor_name(subscription.name), *subscription.partition_names()]:
             self._check_name_free(taken)
         if self.database is not None:
-            self._track(
-                subscription, "projection" if subscription.projector is not None else "subscription"
-            )
+            self._track(subscription)
         if self._running:
             self._start_subscription(subscription)
         else:
@@ -1014,11 +1006,7 @@ class Engine:
         store = self._store
         if store is not None:
             if controller.state is BackpressureState.CRITICAL:
-                controller.reject()
-                raise BackpressureError(
-                    f"engine is CRITICAL: {controller.depth} of {self.backpressure.max_depth} "
-                    "events in flight"
-                )
+                self._refuse_critical()
             if store.submit(Request(lambda tx: tx._append(event))) is None:
                 controller.reject()
                 raise BackpressureError(
@@ -1026,12 +1014,16 @@ class Engine:
                 )
             return
         if not controller.try_acquire():
-            controller.reject()
-            raise BackpressureError(
-                f"engine is CRITICAL: {controller.depth} of {self.backpressure.max_depth} "
-                "events in flight"
-            )
+            self._refuse_critical()
         self._dispatch(self._delivery(event, controller))
+
+    def _refuse_critical(self) -> NoReturn:
+        controller = self._controller
+        controller.reject()
+        raise BackpressureError(
+            f"engine is CRITICAL: {controller.depth} of {self.backpressure.max_depth} "
+            "events in flight"
+        )
 
 
 def _is_actor_factory(handler: object) -> bool:

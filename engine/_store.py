@@ -205,7 +205,7 @@ class Transaction:
             _INSERT_OUTBOX,
             (
                 str(event.id),
-                _tags.get(type(event)) or event_tag(event),
+                event_tag(event),
                 None if tenant is None else str(tenant),
                 encode(event),
                 self._now,
