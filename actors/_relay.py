@@ -26,8 +26,9 @@ import anyio
 from engine._actor import Actor, Cell
 from engine._deadletters import DeadLetter, describe
 from engine._engine import RELAY
+from engine._errors import EngineError
 from engine._events import Event
-from engine._store import OutboxRow, Request, Transaction, read_outbox
+from engine._store import OutboxRow, Request, Transaction, read_outbox, storage_fault_in
 
 from ._dispatcher import Delivery, Subscription
 
@@ -184,7 +185,7 @@ async def catch_up(engine: Engine, tracker: Tracker) -> None:
                 (name, i, start, count, tracker.kind, now),
             )
 
-    await store.call(save)
+    await store.call(save, kind="positions", background=True)
     while True:
         batch: list[OutboxRow] = await store.read(
             lambda conn: read_outbox(conn, tracker.cursor, READ_BATCH)
@@ -208,7 +209,7 @@ async def _deliver_row(engine: Engine, tracker: Tracker, row: OutboxRow) -> None
     subscription = tracker.subscription
     event = row.event
     if event is None:
-        _undecodable(engine, subscription.name, row)
+        await _undecodable(engine, subscription.name, row)
         return
     if not subscription.matches(type(event)):
         return
@@ -224,11 +225,22 @@ async def _deliver_row(engine: Engine, tracker: Tracker, row: OutboxRow) -> None
     await subscription.deliver_to(cell, delivery)
 
 
-def _undecodable(engine: Engine, name: str, row: OutboxRow) -> None:
-    """Dead-letter an outbox row that does not decode, for ``name``, with the decode error."""
+async def _undecodable(engine: Engine, name: str, row: OutboxRow) -> None:
+    """Dead-letter an outbox row that does not decode, for ``name``, with the decode error.
+
+    Returns once the dead letter is stored: only then may positions pass the row.
+    """
+    stored = anyio.Event()
     engine.dead_letters.add(
-        name, row.payload, "failed", error=row.error, seq=row.seq, event_type=row.type
+        name,
+        row.payload,
+        "failed",
+        error=row.error,
+        seq=row.seq,
+        event_type=row.type,
+        then=stored.set,
     )
+    await stored.wait()
 
 
 class RelayState:
@@ -285,14 +297,19 @@ class Relay(Actor):
         while state.cursor < state.head and not engine._terminating:
             events = state.take()
             if events is None:
-                rows: list[OutboxRow] = await store.read(
-                    lambda conn: read_outbox(conn, state.cursor, READ_BATCH)
-                )
+                try:
+                    rows: list[OutboxRow] = await store.read(
+                        lambda conn: read_outbox(conn, state.cursor, READ_BATCH)
+                    )
+                except EngineError:
+                    if engine._terminating:
+                        return  # stopped during a storage outage: the next run resumes
+                    raise
                 if not rows:
                     return
                 for row in rows:
                     if row.event is None:
-                        _undecodable(engine, RELAY, row)
+                        await _undecodable(engine, RELAY, row)
                     # Even an undecodable row goes through the dispatcher (as a
                     # marker), so the live subscriptions' positions pass it in order.
                     await self._dispatch(controller, row.seq, row.event)
@@ -363,7 +380,7 @@ class ProjectionSubscriber(Actor):
                 return
             _settle(engine, cell, message, request.result)
 
-        store.submit(Request(apply, done), bounded=False)
+        store.submit(Request(apply, done, kind="projection"), bounded=False)
         self.window += 1
         while self.window >= PROJECTION_WINDOW:
             if self.room is None:
@@ -431,6 +448,8 @@ def run_projector(
         try:
             projector(tx, event)
         except Exception as exc:
+            if storage_fault_in(exc) is not None:
+                raise  # the database's fault, not the projector's: the writer retries
             error = exc
             del tx._events[published:]  # what it published rolls back with it
             if conn.in_transaction:
@@ -472,7 +491,7 @@ def _projection_failed(
 
     store = engine._store
     assert store is not None
-    store.submit(Request(record, recorded), bounded=False)
+    store.submit(Request(record, recorded, kind="projection"), bounded=False)
 
 
 def checkpoint(engine: Engine) -> Request | None:
@@ -512,4 +531,4 @@ def checkpoint(engine: Engine) -> Request | None:
             if position > tracker.saved[partition]:
                 tracker.saved[partition] = position
 
-    return Request(save, saved)
+    return Request(save, saved, kind="positions")

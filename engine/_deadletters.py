@@ -7,7 +7,7 @@ import itertools
 import logging
 import sqlite3
 import traceback as tb_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -58,8 +58,12 @@ class DeadLetters:
     In memory it keeps the newest ``max_entries``; older ones are evicted with
     a warning in the log and counted in ``evicted``, so even an eviction is
     never silent. With a database every dead letter is a row in SQLite (it
-    survives restarts); ``count()`` is exact and ``list()`` shows the oldest
-    ``max_entries`` of them, kept in memory so neither blocks on SQLite.
+    survives restarts) and SQLite numbers it: a dead letter is counted, listed
+    and logged once its row committed (a storage outage delays that; it never
+    loses the row). ``count()`` is exact and ``list()`` shows the oldest
+    ``max_entries`` stored, kept in memory so neither blocks on SQLite;
+    changes made beside the engine (``python -m engine dead-letters purge``)
+    show within the engine's poll interval.
     """
 
     def __init__(
@@ -74,24 +78,35 @@ class DeadLetters:
         self._max_entries = max_entries
         self._store: Store | None = None
         self._count = 0
+        # The highest id of a stored row this engine knows of.
+        self._newest = 0
+        # Ids whose rows committed while a refresh read the table (None: no refresh runs).
+        self._recent: list[int] | None = None
         self.evicted = 0
         """Dead letters pushed out of the in-memory store by newer ones."""
         self.total = 0
         """Dead letters recorded since the engine started."""
 
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
+
     # -------------------------------------------------------------- durable
 
-    def attach(self, store: Store, loaded: list[DeadLetter], count: int, last_id: int) -> None:
+    def attach(self, store: Store, loaded: list[DeadLetter], count: int, newest: int) -> None:
         """Use ``store``: ``loaded`` are the oldest stored rows, ``count`` all of them."""
         self._store = store
-        self._entries.clear()
-        for letter in loaded[: self._max_entries]:
-            self._entries[letter.id] = letter
+        self._mirror(loaded)
         self._count = count
-        self._ids = itertools.count(max(last_id, 0) + 1)
+        self._newest = newest
 
     def detach(self) -> None:
         self._store = None
+
+    def _mirror(self, letters: Iterable[DeadLetter]) -> None:
+        self._entries = collections.OrderedDict(
+            itertools.islice(((letter.id, letter) for letter in letters), self._max_entries)
+        )
 
     def insert_row(
         self,
@@ -105,19 +120,45 @@ class DeadLetters:
         seq: int | None = None,
     ) -> DeadLetter:
         """Write a dead letter in the caller's transaction (the writer thread)."""
-        letter = self._letter(actor, message, reason, error, attempts, seq)
-        write_row(conn, letter)
-        return letter
+        letter = self._letter(0, actor, message, reason, error, attempts, seq)
+        return msgspec.structs.replace(letter, id=write_row(conn, letter))
 
     def restored(self, letter: DeadLetter) -> None:
         """Count a dead letter whose row ``insert_row`` wrote (after its commit)."""
         self._remember(letter)
         self._log(letter)
 
+    async def refresh(self) -> None:
+        """Follow changes made beside the engine (the CLI's purge) in count and list."""
+        store = self._store
+        if store is None:
+            return
+        limit = self._max_entries
+        known = (self._count, self._newest)
+        recent: list[int] = []
+        self._recent = recent
+        try:
+            found = await store.read(lambda conn: _summary(conn, limit, known))
+        finally:
+            self._recent = None
+        if found is None:
+            return
+        count, newest, rows = found
+        later = [i for i in recent if i > newest]
+        self._count = count + len(later)
+        self._newest = max([newest, *later])
+        mirrored = {letter.id: letter for letter in rows}
+        for letter_id in later:
+            letter = self._entries.get(letter_id)
+            if letter is not None:
+                mirrored[letter_id] = letter
+        self._mirror(mirrored[i] for i in sorted(mirrored))
+
     # --------------------------------------------------------------- record
 
     def _letter(
         self,
+        id_: int,
         actor: str,
         message: Any,
         reason: DeadLetterReason,
@@ -126,7 +167,7 @@ class DeadLetters:
         seq: int | None,
     ) -> DeadLetter:
         return DeadLetter(
-            id=next(self._ids),
+            id=id_,
             actor=actor,
             message=message,
             reason=reason,
@@ -146,21 +187,55 @@ class DeadLetters:
         attempts: int = 0,
         seq: int | None = None,
         event_type: str | None = None,
-    ) -> DeadLetter:
-        letter = self._letter(actor, message, reason, error, attempts, seq)
-        store = self._store
-        if store is not None:
-            from ._store import Request
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Record a dead letter; ``then()`` runs once it is recorded.
 
-            store.submit(Request(lambda tx: write_row(tx.conn, letter, event_type)), bounded=False)
-        self._remember(letter)
-        self._log(letter)
-        return letter
+        With a database that is after its row committed: a storage outage
+        holds it back (retried until the database is writable again), and if
+        the engine stops first ``then`` never runs — so what ``then`` does (a
+        durable subscription's position moving past the event) never happens
+        for a dead letter that was not stored.
+        """
+        store = self._store
+        if store is None:
+            letter = self._letter(next(self._ids), actor, message, reason, error, attempts, seq)
+            self._remember(letter)
+            self._log(letter)
+            if then is not None:
+                then()
+            return
+        from ._store import Request
+
+        pending = self._letter(0, actor, message, reason, error, attempts, seq)
+
+        def written(request: Request) -> None:
+            if request.error is not None:  # pragma: no cover - write_row stores any message
+                logger.error(
+                    "dead letter for %r could not be stored: %s",
+                    actor,
+                    describe(request.error),
+                    extra={"actor": actor, "reason": reason},
+                )
+                return
+            self.restored(msgspec.structs.replace(pending, id=request.result))
+            if then is not None:
+                then()
+
+        store.submit(
+            Request(
+                lambda tx: write_row(tx.conn, pending, event_type), written, kind="dead letters"
+            ),
+            bounded=False,
+        )
 
     def _remember(self, letter: DeadLetter) -> None:
         self.total += 1
         if self._store is not None:
             self._count += 1
+            self._newest = max(self._newest, letter.id)
+            if self._recent is not None:
+                self._recent.append(letter.id)
             if len(self._entries) < self._max_entries:
                 self._entries[letter.id] = letter
             return
@@ -213,12 +288,20 @@ class DeadLetters:
 
         It leaves the store once the actor's mailbox accepted it; if it cannot
         be delivered (the actor is gone) it stays and the error is raised.
+        With a database the stored row is what is replayed (one purged beside
+        the engine is gone: ``KeyError``).
         """
         store = self._store
-        letter = self._entries.get(dead_letter_id)
-        if letter is None and store is not None and type(dead_letter_id) is int:
-            rows = await store.read(lambda conn: read_rows(conn, "WHERE id = ?", (dead_letter_id,)))
+        letter = None
+        if store is None:
+            letter = self._entries.get(dead_letter_id)
+        elif type(dead_letter_id) is int:
+            rows = await store.read(
+                lambda conn: read_rows(conn, "WHERE id = ?", (dead_letter_id,)), background=False
+            )
             letter = rows[0] if rows else None
+            if letter is None and self._entries.pop(dead_letter_id, None) is not None:
+                await self.refresh()  # deleted beside the engine
         if letter is None:
             raise KeyError(f"no dead letter with id {dead_letter_id!r}")
         await self._redeliver(letter)
@@ -230,8 +313,11 @@ class DeadLetters:
         self._entries.pop(dead_letter_id, None)
         if store is None:
             return
+        # The row may be gone already (a projection's replay deletes it in its
+        # own transaction): it was stored when the replay began, so it counts.
         await store.call(
-            lambda tx: tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            lambda tx: tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,)),
+            kind="dead letters",
         )
         self._count = max(0, self._count - 1)
         if self._count > len(self._entries) < self._max_entries:
@@ -241,10 +327,8 @@ class DeadLetters:
             merged = {letter.id: letter for letter in rows}
             for letter in self._entries.values():
                 if letter.id > newest:
-                    merged[letter.id] = letter  # recorded, its row not yet committed
-            self._entries = collections.OrderedDict(
-                itertools.islice(sorted(merged.items()), self._max_entries)
-            )
+                    merged[letter.id] = letter  # recorded, its row not yet read back
+            self._mirror(merged[i] for i in sorted(merged))
 
     def purge(self) -> int:
         """Delete every stored dead letter; returns how many there were."""
@@ -253,11 +337,12 @@ class DeadLetters:
             from ._store import Request
 
             n = self._count
-            last = next(self._ids) - 1
-            self._ids = itertools.count(last + 1)
+            newest = self._newest
+            # Rows that commit after this are newer: they stay, and are counted.
             store.submit(
                 Request(
-                    lambda tx: tx.conn.execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+                    lambda tx: tx.conn.execute("DELETE FROM dead_letters WHERE id <= ?", (newest,)),
+                    kind="dead letters",
                 ),
                 bounded=False,
             )
@@ -272,12 +357,13 @@ class DeadLetters:
 # ------------------------------------------------------------- rows in SQLite
 
 _INSERT = (
-    "INSERT INTO dead_letters (id, subscriber, seq, event_id, type, payload, encoding, reason, "
-    "error, traceback, attempts, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO dead_letters (subscriber, seq, event_id, type, payload, encoding, reason, "
+    "error, traceback, attempts, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | None = None) -> None:
+def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | None = None) -> int:
+    """Insert ``letter`` (its ``id`` is ignored); returns the id SQLite gave it."""
     from ._events import Event, encode
     from ._store import event_tag
 
@@ -293,10 +379,9 @@ def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | No
             encoding, payload = "msgpack", msgspec.msgpack.encode(message)
         except (TypeError, ValueError, OverflowError):
             encoding, payload = "repr", repr(message).encode("utf-8", "backslashreplace")
-    conn.execute(
+    cursor = conn.execute(
         _INSERT,
         (
-            letter.id,
             letter.actor,
             letter.seq,
             event_id,
@@ -310,6 +395,26 @@ def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | No
             letter.at.timestamp(),
         ),
     )
+    row_id = cursor.lastrowid
+    assert row_id is not None
+    return row_id
+
+
+def _summary(
+    conn: sqlite3.Connection, limit: int, known: tuple[int, int]
+) -> tuple[int, int, list[DeadLetter]] | None:
+    """How many rows, the newest id and the oldest ``limit`` rows, in one snapshot;
+    None when the count and the newest id are still ``known``."""
+    conn.execute("BEGIN")
+    try:
+        count, newest = conn.execute(
+            "SELECT count(*), coalesce(max(id), 0) FROM dead_letters"
+        ).fetchone()
+        if (count, newest) == known:
+            return None
+        return count, newest, read_rows(conn, limit=limit)
+    finally:
+        conn.execute("COMMIT")
 
 
 def read_rows(

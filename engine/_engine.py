@@ -32,7 +32,15 @@ from ._breaker import BreakerMetrics, CircuitBreaker, CircuitBreakerConfig
 from ._deadletters import DeadLetter, DeadLetters, read_rows
 from ._errors import ActorStopped, EngineError
 from ._events import Event, decode
-from ._store import Request, Store, Transaction, last_seq, prune_outbox
+from ._store import (
+    Request,
+    StorageError,
+    StorageMetrics,
+    Store,
+    Transaction,
+    last_seq,
+    prune_outbox,
+)
 from ._supervision import Supervisor, SupervisorRef, check_name
 from ._types import (
     ActorStatistics,
@@ -96,6 +104,8 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Events refused by validation in this process: event type -> kind -> count."""
     tenant_rejections: dict[str, int] = msgspec.field(default_factory=dict)
     """Tenant identifiers refused in this process, by reason."""
+    storage: StorageMetrics | None = None
+    """The database's health: outages, retries, writes waiting (None without a database)."""
 
 
 class _NoSlot:
@@ -155,6 +165,8 @@ class Engine:
         shutdown_timeout: float = 10.0,
         durability: Literal["full", "normal"] = "full",
         dead_letter_limit: int = 10_000,
+        storage_timeout: float = 5.0,
+        start_timeout: float | None = None,
     ) -> None:
         if database is not None and not isinstance(database, str | os.PathLike):
             raise TypeError(f"database must be a path or None, got {type(database).__name__}")
@@ -162,7 +174,14 @@ class Engine:
             database = os.fspath(database)
             if not database or "\x00" in database:
                 raise ValueError(f"database must be a file path, got {database!r}")
+            if database == ":memory:" or database.startswith("file:"):
+                raise ValueError(
+                    f"database must be a file path, got {database!r}: the outbox needs a file "
+                    "its connections share (use Engine() for events in memory)"
+                )
         check_timeout(shutdown_timeout, "shutdown_timeout", allow_none=False)
+        check_timeout(storage_timeout, "storage_timeout", allow_none=False)
+        check_timeout(start_timeout, "start_timeout")
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
         check_int(dead_letter_limit, "dead_letter_limit", 1)
@@ -196,6 +215,8 @@ class Engine:
         self._housekeeping: anyio.CancelScope | None = None
         self._store_done = anyio.Event()
         self.shutdown_timeout = float(shutdown_timeout)
+        self.storage_timeout = float(storage_timeout)
+        self.start_timeout = start_timeout
         self.durability = durability
         self.dead_letters = DeadLetters(self._redeliver, max_entries=dead_letter_limit)
         self._names: dict[str, Cell | Supervisor] = {}
@@ -418,13 +439,16 @@ class Engine:
             on_commit=self._committed,
             on_busy=self._store_busy,
             on_idle=self._cell_idle,
+            timeout=self.storage_timeout,
         )
-        head = await store.open()
+        head = await store.open(timeout=self.start_timeout)
         self._store = store
         self._store_done = anyio.Event()
         tg.start_soon(self._run_store, store, name="actorbus writer")
-        loaded, count, last = await store.read(_load_dead_letters(self.dead_letters._max_entries))
-        self.dead_letters.attach(store, loaded, count, last)
+        loaded, count, newest = await store.read(
+            _load_dead_letters(self.dead_letters.max_entries), background=False
+        )
+        self.dead_letters.attach(store, loaded, count, newest)
         self._relay_state = RelayState(head)
         self._dispatched = head
 
@@ -500,6 +524,7 @@ class Engine:
                     if head > state.head:
                         state.head = head
                         self._wake_relay()
+                    await self.dead_letters.refresh()
                     for letter_id in replays:
                         await self._replay_requested(letter_id)
 
@@ -507,6 +532,8 @@ class Engine:
         """A replay asked for from outside (``python -m engine dead-letters DB replay ID``)."""
         try:
             await self.dead_letters.replay(letter_id)
+        except StorageError:
+            return  # the database's fault, not the letter's: asked again at the next poll
         except Exception as exc:
             logger.warning(
                 "replay of dead letter %d requested from outside failed: %s",
@@ -519,7 +546,9 @@ class Engine:
             await store.call(
                 lambda tx: tx.conn.execute(
                     "UPDATE dead_letters SET replay_requested = 0 WHERE id = ?", (letter_id,)
-                )
+                ),
+                kind="dead letters",
+                background=True,
             )
         else:
             logger.info("dead letter %d replayed on request", letter_id)
@@ -534,7 +563,7 @@ class Engine:
         request = checkpoint(self)
         if request is not None:
             store.submit(request, bounded=False)
-        await store.close()
+        store.close(within=self.shutdown_timeout)
         await self._store_done.wait()
         self.dead_letters.detach()
 
@@ -692,6 +721,7 @@ class Engine:
             breakers={name: breaker.metrics() for name, breaker in self._breakers.items()},
             validation_failures=validation,
             tenant_rejections=tenants,
+            storage=self._store.metrics() if self._store is not None else None,
         )
 
     def _lag(self) -> dict[str, int]:
@@ -989,7 +1019,7 @@ class Engine:
             # Durable: the outbox holds it once committed; the relay takes the
             # slot when it dispatches. Publishers still wait while CRITICAL.
             await controller.admit(timeout)
-            await store.call(lambda tx: tx._append(event))
+            await store.call(lambda tx: tx._append(event), kind="events")
             return
         if not controller.try_acquire():
             await controller.acquire(timeout)
@@ -1007,7 +1037,7 @@ class Engine:
         if store is not None:
             if controller.state is BackpressureState.CRITICAL:
                 self._refuse_critical()
-            if store.submit(Request(lambda tx: tx._append(event))) is None:
+            if not store.submit(Request(lambda tx: tx._append(event), kind="events")):
                 controller.reject()
                 raise BackpressureError(
                     f"the outbox writer has {store.max_pending} writes waiting for a commit"
@@ -1055,13 +1085,10 @@ def _load_dead_letters(
     limit: int,
 ) -> Callable[[Any], tuple[list[DeadLetter], int, int]]:
     def load(conn: Any) -> tuple[list[DeadLetter], int, int]:
-        count, last = conn.execute(
+        count, newest = conn.execute(
             "SELECT count(*), coalesce(max(id), 0) FROM dead_letters"
         ).fetchone()
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dead_letters'").fetchone()
-        if row is not None:
-            last = max(last, row[0])
-        return read_rows(conn, limit=limit), count, last
+        return read_rows(conn, limit=limit), count, newest
 
     return load
 

@@ -10,6 +10,8 @@ read while the writer writes).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import inspect
 import logging
 import math
@@ -18,6 +20,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 import anyio
@@ -26,9 +29,11 @@ import sqlite_utils
 
 from ._errors import EngineError
 from ._events import Event, decode, encode
+from ._filelock import EngineLock, EngineLockHeld, lock_path
 
 __all__ = [
     "StorageError",
+    "StorageMetrics",
     "Store",
     "Transaction",
     "TransactionControlRefused",
@@ -38,6 +43,29 @@ __all__ = [
 logger = logging.getLogger("actorbus.store")
 
 SCHEMA_VERSION: Final = 1
+TABLES: Final = frozenset({"outbox", "tracking", "dead_letters"})
+# How long one statement waits inside SQLite for another connection's lock.
+# A lock held longer is an outage: the writer retries with backoff (and a
+# shutdown or a cancelled start never waits on SQLite for more than this).
+BUSY_TIMEOUT: Final = 1.0
+RETRY_INITIAL: Final = 0.05
+RETRY_MAX: Final = 1.0
+# Primary result codes of faults in the storage, not in anyone's code: the
+# database is locked, full, read-only, failing I/O or out of memory.
+_FAULT_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+_LOCK_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 # The schema only grows: a later version adds tables or columns with defaults
 # and bumps PRAGMA user_version; opening a newer database than this code
@@ -99,6 +127,69 @@ class TransactionEnded(EngineError):
 
 class TransactionControlRefused(EngineError):
     """A transact function tried to COMMIT, ROLLBACK or BEGIN the engine's transaction."""
+
+
+def _code(error: BaseException) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def is_storage_fault(error: BaseException) -> bool:
+    """A SQLite error of the storage (locked, full, read-only, I/O), not of anyone's code."""
+    return isinstance(error, sqlite3.Error) and _code(error) in _FAULT_CODES
+
+
+def storage_fault_in(error: BaseException) -> BaseException | None:
+    """The storage fault behind ``error``: itself or an explicit cause of it."""
+    seen = 0
+    current: BaseException | None = error
+    while current is not None and seen < 16:
+        if is_storage_fault(current):
+            return current
+        current = current.__cause__
+        seen += 1
+    return None
+
+
+def check_database(path: str) -> None:
+    """Refuse a file that is not an actorbus database, before anything changes in it.
+
+    A missing or empty file, or a SQLite database without a schema version
+    (an application's own, which the engine then joins), is accepted. A
+    locked file raises the SQLite error (a fault to wait out).
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error as exc:
+        if _code(exc) in _LOCK_CODES:
+            raise
+        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+    finally:
+        conn.close()
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"database schema version {version} is newer than this actorbus knows "
+            f"({SCHEMA_VERSION}); upgrade actorbus to open it"
+        )
+    if version == 0:
+        clash = sorted(TABLES & tables)
+        if clash:
+            raise StorageError(
+                f"cannot open database {path!r}: it has tables named {', '.join(clash)} but "
+                "no actorbus schema version; it belongs to another application"
+            )
+        return
+    missing = sorted(TABLES - tables)
+    if missing:
+        raise StorageError(
+            f"cannot open database {path!r}: it is not an actorbus database (schema version "
+            f"{version}, no table {', '.join(missing)}); it was left unchanged"
+        )
 
 
 _tags: dict[type, str] = {}
@@ -297,30 +388,124 @@ class _GuardedCursor:
 
 
 class Request:
-    """One unit of work for the writer: a function of the transaction."""
+    """One unit of work for the writer: a function of the transaction.
 
-    __slots__ = ("cancelled", "error", "events", "fn", "on_done", "result", "taken")
+    A request the engine runs in the background (no ``deadline``) is retried
+    through storage faults until it commits or the engine stops; one a caller
+    awaits has a deadline and fails with ``StorageError`` after it.
+    """
+
+    __slots__ = (
+        "cancelled",
+        "deadline",
+        "error",
+        "events",
+        "finished",
+        "fn",
+        "kind",
+        "on_done",
+        "result",
+        "taken",
+        "waiter",
+    )
 
     def __init__(
         self,
         fn: Callable[[Transaction], Any],
         on_done: Callable[[Request], None] | None = None,
+        *,
+        kind: str = "write",
     ) -> None:
         self.fn = fn
         self.on_done = on_done
+        # What it writes, for the log when a shutdown leaves it uncommitted.
+        self.kind = kind
         self.result: Any = None
         self.error: BaseException | None = None
         self.events: list[tuple[int, Event]] = []
         self.cancelled = False
         self.taken = False
+        # Its outcome is final: committed, or failed by its own function.
+        self.finished = False
+        self.deadline: float | None = None
+        self.waiter: anyio.Event | None = None
 
 
-class _Batch:
-    __slots__ = ("done", "requests")
+class StorageMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """The database's health (``engine.metrics().storage``)."""
 
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-        self.done = anyio.Event()
+    available: bool
+    """False while the database refuses writes (locked, full, read-only, failing I/O)."""
+    outages: int
+    """Times the database became unwritable since the engine started."""
+    retries: int
+    """Write or read attempts that failed on a storage fault and were tried again."""
+    outage_seconds: float
+    """How long the current outage has lasted (0.0 when available)."""
+    last_error: str | None
+    """The last storage fault (``"OperationalError: database is locked"``)."""
+    pending_writes: int
+    """Writes waiting for a commit (background writes wait out an outage here)."""
+
+
+class _Health:
+    """Outage bookkeeping: logged once when an outage begins and once when it ends.
+
+    An outage ends when the side that saw it first (the writer or the reader)
+    succeeds again: under another process's write lock reads still work, and
+    they must not end the outage the writer is waiting out.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.failing_since: float | None = None
+        self.side = "write"
+        self.outages = 0
+        self.retries = 0
+        self.last_error: str | None = None
+
+    def fault(self, error: BaseException, waiting: int, side: str = "write") -> None:
+        self.retries += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        if self.failing_since is None:
+            self.failing_since = anyio.current_time()
+            self.side = side
+            self.outages += 1
+            logger.warning(
+                "database %r cannot be %s (%s); %d writes wait; retrying until it can",
+                self.path,
+                "read" if side == "read" else "written",
+                self.last_error,
+                waiting,
+                extra={"reason": self.last_error},
+            )
+
+    def recovered(self, side: str = "write") -> None:
+        since = self.failing_since
+        if since is not None and side == self.side:
+            self.failing_since = None
+            logger.warning(
+                "database %r works again after %.1f s", self.path, anyio.current_time() - since
+            )
+
+    def metrics(self, pending: int) -> StorageMetrics:
+        since = self.failing_since
+        return StorageMetrics(
+            available=since is None,
+            outages=self.outages,
+            retries=self.retries,
+            outage_seconds=0.0 if since is None else anyio.current_time() - since,
+            last_error=self.last_error,
+            pending_writes=pending,
+        )
+
+
+class _Fault(Exception):
+    """A storage fault stopped a transaction: what it held runs again later."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class Store:
@@ -335,6 +520,7 @@ class Store:
         on_commit: Callable[[list[tuple[int, Event]]], None],
         on_busy: Callable[[], None] = lambda: None,
         on_idle: Callable[[], None] = lambda: None,
+        timeout: float = 5.0,
     ) -> None:
         self.path = path
         self.durability = durability
@@ -343,8 +529,11 @@ class Store:
         # Pending work keeps the engine's shutdown drain waiting for the commit.
         self.on_busy = on_busy
         self.on_idle = on_idle
+        self.timeout = timeout
+        """How long a write or read a caller awaits waits out a storage fault."""
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._lock: EngineLock | None = None
         self._db: sqlite_utils.Database | None = None
         self._guarded_conn: _GuardedConnection | None = None
         token = secrets.token_hex(8)
@@ -364,13 +553,15 @@ class Store:
         self._rollback = f"ROLLBACK /* {token} */"
         self._write_limiter = anyio.CapacityLimiter(1)
         self._read_limiter = anyio.CapacityLimiter(1)
-        self._batch = _Batch()
+        self._queue: list[Request] = []
         self._wakeup = anyio.Event()
         self._space: anyio.Event | None = None
         self._pending = 0
         self._closing = False
+        self._close_deadline = math.inf
         self._guarded = False
         self._denied = False
+        self._health = _Health(path)
         self.batches = 0
         """Transactions committed by the writer (each holds one or more requests)."""
         self.requests = 0
@@ -378,44 +569,110 @@ class Store:
 
     # ----------------------------------------------------------------- life
 
-    async def open(self) -> int:
-        """Open both connections, create or check the schema; returns the last seq."""
-        return await anyio.to_thread.run_sync(self._open, limiter=self._write_limiter)
+    async def open(self, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
+        """Open both connections, create or check the schema; returns the last seq.
+
+        A database another process holds locked (a backup, a migration, the
+        CLI) is waited for, up to ``timeout`` seconds (None: as long as it
+        takes); then, or for a database that cannot be used at all, this
+        raises one ``StorageError``.
+        """
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        delay = RETRY_INITIAL
+        try:
+            while True:
+                try:
+                    head: int = await anyio.to_thread.run_sync(
+                        self._open, limiter=self._write_limiter
+                    )
+                except _Fault as fault:
+                    error = fault.error
+                    self._health.fault(error, 0)
+                    if anyio.current_time() + delay > deadline:
+                        raise StorageError(
+                            f"cannot open database {self.path!r}: it stayed unusable for "
+                            f"{timeout} s ({type(error).__name__}: {error})"
+                        ) from error
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self._health.recovered()
+                return head
+        except BaseException:
+            self._release_lock()
+            raise
 
     def _open(self) -> int:
-        directory = os.path.dirname(os.path.abspath(self.path))
+        path = self.path
+        directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
-            raise StorageError(f"cannot open database {self.path!r}: no directory {directory!r}")
+            raise StorageError(f"cannot open database {path!r}: no directory {directory!r}")
+        if self._lock is None:
+            # Before anything is read or changed: one engine per database file.
+            try:
+                self._lock = EngineLock.acquire(path)
+            except EngineLockHeld as held:
+                raise StorageError(
+                    f"database {path!r} is in use by another engine ({held.holder}); "
+                    "one engine runs on a database file at a time"
+                ) from None
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot open database {path!r}: cannot create its lock file "
+                    f"{lock_path(path)!r} ({exc})"
+                ) from exc
+        writer = reader = None
         try:
-            writer = connect(self.path, durability=self.durability)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open database {self.path!r}: {exc}") from exc
-        try:
+            check_database(path)
+            writer = connect(path, durability=self.durability, timeout=BUSY_TIMEOUT)
             ensure_schema(writer, begin=self._begin, commit=self._commit, rollback=self._rollback)
-            reader = connect(self.path, durability=self.durability)
-        except sqlite3.Error as exc:
-            writer.close()
-            raise StorageError(f"cannot open database {self.path!r}: {exc}") from exc
-        except BaseException:
-            writer.close()
+            # A write now, not at the first commit: a read-only file is refused
+            # here, and a lock held by another process is waited out here.
+            writer.execute(self._begin)
+            writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            writer.execute(self._commit)
+            reader = connect(path, durability=self.durability, timeout=BUSY_TIMEOUT)
+            # Foreign keys are enforced (SQLite's default is off); a deferred one
+            # is checked at COMMIT, where a violation fails only the call behind it.
+            writer.execute("PRAGMA foreign_keys=ON")
+            # WAL checkpoints run from the housekeeping (checkpoint()), off the commit
+            # path: an automatic one inside a COMMIT is what made commit latency spike.
+            writer.execute("PRAGMA wal_autocheckpoint=0")
+            head = last_seq(writer)
+        except BaseException as exc:
+            for conn in (writer, reader):
+                if conn is not None:
+                    conn.close()
+            if isinstance(exc, sqlite3.Error):
+                if _code(exc) in _LOCK_CODES:
+                    raise _Fault(exc) from exc
+                self._release_lock()
+                raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+            if not isinstance(exc, _Fault):
+                self._release_lock()
             raise
-        # Foreign keys are enforced (SQLite's default is off); a deferred one
-        # is checked at COMMIT, where a violation fails only the call behind it.
-        writer.execute("PRAGMA foreign_keys=ON")
-        # WAL checkpoints run from the housekeeping (checkpoint()), off the commit
-        # path: an automatic one inside a COMMIT is what made commit latency spike.
-        writer.execute("PRAGMA wal_autocheckpoint=0")
         writer.set_authorizer(self._authorize)
         self._writer = writer
         self._reader = reader
         guarded = _GuardedConnection(writer, self)
         self._guarded_conn = guarded
         self._db = sqlite_utils.Database(cast(sqlite3.Connection, guarded))
-        return last_seq(writer)
+        return head
 
-    async def close(self) -> None:
-        """Commit what is pending, then close the connections."""
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def close(self, *, within: float = math.inf) -> None:
+        """Commit what is pending, then close the connections (``run`` returns).
+
+        Through a storage outage pending writes are retried for up to
+        ``within`` seconds; what is still uncommitted then is logged and
+        dropped (durable events' positions never passed it: they come again).
+        """
         self._closing = True
+        self._close_deadline = anyio.current_time() + within
         self._wakeup.set()
 
     def _close_connections(self) -> None:
@@ -423,47 +680,113 @@ class Store:
             if conn is not None:
                 conn.close()
         self._writer = self._reader = None
+        self._release_lock()
+
+    def metrics(self) -> StorageMetrics:
+        return self._health.metrics(self._pending)
 
     async def run(self) -> None:
-        """The writer loop: one transaction per batch of pending requests."""
+        """The writer loop: one transaction per batch of pending requests.
+
+        A storage fault sends the batch back: the writer tries again with
+        backoff, taking in what arrived meanwhile, so order is kept. Requests
+        a caller awaits fail once their deadline passes.
+        """
+        waiting: list[Request] = []
+        delay = RETRY_INITIAL
         try:
             while True:
-                if not self._closing:
+                if not waiting and not self._closing:
                     await self._wakeup.wait()
-                batch = self._batch
-                if not batch.requests:
+                self._wakeup = anyio.Event()
+                if self._queue:
+                    waiting.extend(self._queue)
+                    self._queue = []
+                live: list[Request] = []
+                for request in waiting:
+                    if request.cancelled:
+                        self._done(request)
+                    else:
+                        live.append(request)
+                waiting = live
+                if not waiting:
                     if self._closing:
                         return
-                    self._wakeup = anyio.Event()
                     continue
-                self._batch = _Batch()
-                self._wakeup = anyio.Event()
-                requests = [r for r in batch.requests if not r.cancelled]
-                for request in requests:
+                for request in waiting:
                     request.taken = True
-                if requests:
-                    # Not cancellable: the thread runs to the end of its COMMIT.
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(
-                            self._write_batch, requests, limiter=self._write_limiter
+                # Not cancellable: the thread runs to the end of its COMMIT.
+                with anyio.CancelScope(shield=True):
+                    fault = await anyio.to_thread.run_sync(
+                        self._write_batch, waiting, limiter=self._write_limiter
+                    )
+                finished = [r for r in waiting if r.finished]
+                waiting = [r for r in waiting if not r.finished]
+                self._finish(finished)
+                if fault is None:
+                    self._health.recovered()
+                    delay = RETRY_INITIAL
+                    continue
+                self._health.fault(fault, len(waiting) + len(self._queue))
+                now = anyio.current_time()
+                for request in waiting:
+                    request.taken = False  # rolled back: a caller may still withdraw it
+                expired = [r for r in waiting if r.deadline is not None and r.deadline <= now]
+                if expired:
+                    for request in expired:
+                        request.error = StorageError(
+                            f"the database {self.path!r} stayed unwritable for "
+                            f"{self.timeout} s ({type(fault).__name__}: {fault}); "
+                            "nothing of this call was committed"
                         )
-                self._finish(batch, requests)
+                        request.error.__cause__ = fault
+                    waiting = [r for r in waiting if r.deadline is None or r.deadline > now]
+                    self._finish(expired)
+                if self._closing and now + delay > self._close_deadline:
+                    self._abandon(waiting + self._queue, fault)
+                    waiting, self._queue = [], []
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
         finally:
             with anyio.CancelScope(shield=True):
                 # Anything still pending when the loop ends (cancelled) fails clearly.
-                for request in self._batch.requests:
-                    request.error = EngineError("the engine stopped before this write committed")
-                self._batch.done.set()
-                if self._pending:
-                    self._pending = 0
-                    self.on_idle()
+                self._abandon(waiting + self._queue, None)
+                self._queue = []
                 # A read still running in its thread finishes before its connection closes.
                 async with self._read_limiter:
                     await anyio.to_thread.run_sync(
                         self._close_connections, limiter=self._write_limiter
                     )
 
-    def _finish(self, batch: _Batch, requests: list[Request]) -> None:
+    def _abandon(self, requests: list[Request], fault: BaseException | None) -> None:
+        """The engine stops with ``requests`` uncommitted: their callers learn it; logged."""
+        if not requests:
+            return
+        why = "" if fault is None else f" ({type(fault).__name__}: {fault})"
+        kinds = collections.Counter(r.kind for r in requests if not r.cancelled)
+        if kinds and fault is not None:
+            logger.error(
+                "the engine stops with %d writes not committed%s: %s",
+                sum(kinds.values()),
+                why,
+                ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
+            )
+        for request in requests:
+            request.error = EngineError(f"the engine stopped before this write committed{why}")
+            # No completion callback: nothing of it happened, and a durable
+            # delivery's position stays before its event.
+            request.on_done = None
+        self._finish(requests)
+
+    def _done(self, request: Request) -> None:
+        self._pending -= 1
+        if request.waiter is not None:
+            request.waiter.set()
+
+    def _finish(self, requests: list[Request]) -> None:
+        if not requests:
+            return
         committed: list[tuple[int, Event]] = []
         for request in requests:
             if request.error is None:
@@ -476,8 +799,7 @@ class Store:
                     request.on_done(request)
                 except Exception:  # pragma: no cover - the engine's own callbacks
                     logger.exception("write completion callback failed")
-        batch.done.set()
-        self._pending -= len(batch.requests)
+            self._done(request)
         if not self._pending:
             self.on_idle()
         if self._space is not None:
@@ -490,43 +812,48 @@ class Store:
         if self._closing:
             raise EngineError("the engine's database is closed")
 
-    def submit(self, request: Request, *, bounded: bool = True) -> _Batch | None:
-        """Queue ``request`` for the next batch; ``None`` if the writer is full."""
+    def submit(self, request: Request, *, bounded: bool = True) -> bool:
+        """Queue ``request`` for the next batch; False if the writer is full."""
         self._check_open()
         if bounded and self._pending >= self.max_pending:
-            return None
-        batch = self._batch
-        batch.requests.append(request)
+            return False
+        self._queue.append(request)
         if not self._pending:
             self.on_busy()
         self._pending += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
-        return batch
+        return True
 
-    async def call(self, fn: Callable[[Transaction], Any]) -> Any:
+    async def call(
+        self, fn: Callable[[Transaction], Any], *, kind: str = "write", background: bool = False
+    ) -> Any:
         """Run ``fn(tx)`` in the next group commit; return its result after the COMMIT.
 
-        Cancelled before the writer took it, it never runs. Once taken it cannot
-        be undone: the cancellation waits for the COMMIT and is raised after it.
+        Through a storage fault it waits up to ``timeout`` seconds, then raises
+        ``StorageError`` (``background``: until it commits or the engine stops).
+        Cancelled before the writer took it (or while a fault holds it back),
+        it never runs. Once taken it cannot be undone: the cancellation waits
+        for the COMMIT and is raised after it.
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
-        request = Request(fn)
-        while True:
-            batch = self.submit(request)
-            if batch is not None:
-                break
+        request = Request(fn, kind=kind)
+        request.waiter = waiter = anyio.Event()
+        if not background:
+            request.deadline = anyio.current_time() + self.timeout
+        while not self.submit(request):
             if self._space is None:
                 self._space = anyio.Event()
             await self._space.wait()
         try:
-            await batch.done.wait()
+            await waiter.wait()
         except BaseException:
             if not request.taken:
                 request.cancelled = True
+                self._wakeup.set()
             else:
                 with anyio.CancelScope(shield=True):
-                    await batch.done.wait()
+                    await waiter.wait()
             raise
         if request.error is not None:
             raise request.error
@@ -546,17 +873,39 @@ class Store:
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
-    def _write_batch(self, requests: list[Request]) -> None:
-        """Run ``requests`` in one transaction (the writer thread)."""
-        while requests:
-            requests = self._attempt(requests)
+    def _write_batch(self, requests: list[Request]) -> BaseException | None:
+        """Run ``requests`` in one transaction (the writer thread).
+
+        Returns the storage fault that rolled them back, if one did: the
+        requests not ``finished`` then run again later.
+        """
+        for request in requests:
+            request.finished = False
+            request.error = request.result = None
+            request.events = []
+        pending = requests
+        try:
+            while pending:
+                pending = self._attempt(pending)
+        except _Fault as fault:
+            conn = self._writer
+            if conn is not None and conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(self._rollback)
+            for request in requests:
+                if not request.finished:
+                    request.error = request.result = None
+                    request.events = []
+            return fault.error
+        return None
 
     def _attempt(self, requests: list[Request]) -> list[Request]:
         """One transaction over ``requests``; returns those to run again.
 
-        A request whose statement destroyed the transaction (an I/O error, a
-        RAISE(ROLLBACK) trigger) fails on its own; the ones before it in the
-        batch were rolled back with it and run again in a new transaction.
+        A request whose statement destroyed the transaction (a RAISE(ROLLBACK)
+        trigger) fails on its own; the ones before it in the batch were rolled
+        back with it and run again in a new transaction. A storage fault
+        (locked, full, read-only, I/O) raises ``_Fault``: nobody's code failed.
         """
         conn = self._writer
         db = self._db
@@ -565,11 +914,7 @@ class Store:
         try:
             conn.execute(self._begin)
         except sqlite3.Error as exc:
-            error = StorageError(f"cannot begin a write transaction on {self.path!r}: {exc}")
-            error.__cause__ = exc
-            for request in requests:
-                request.error = error
-            return []
+            raise _Fault(exc) from exc
         savepoints = len(requests) > 1
         guarded = self._guarded_conn
         now = time.time()
@@ -577,7 +922,7 @@ class Store:
         for index, request in enumerate(requests):
             tx = Transaction(conn, guarded, db, now)
             if savepoints:
-                conn.execute(begin_call)
+                _execute(conn, begin_call)
             self._guarded = True
             self._denied = False
             try:
@@ -594,14 +939,18 @@ class Store:
                 request.error = exc
             finally:
                 self._guarded = False
-            if self._denied and isinstance(request.error, sqlite3.DatabaseError):
-                refused = request.error
+            self.requests += 1
+            error = request.error
+            if error is not None:
+                fault = storage_fault_in(error)
+                if fault is not None:
+                    raise _Fault(fault)
+            if self._denied and isinstance(error, sqlite3.DatabaseError):
                 request.error = TransactionControlRefused(
                     "a transact function may not COMMIT, ROLLBACK or BEGIN (the engine commits "
                     "when it returns; raise to roll back): its work was rolled back"
                 )
-                request.error.__cause__ = refused
-            self.requests += 1
+                request.error.__cause__ = error
             if not conn.in_transaction:
                 # This request's statement ended the transaction: the work of
                 # the requests before it is gone with it; they run again.
@@ -618,46 +967,49 @@ class Store:
                     )
                     request.error.__cause__ = cause
                 request.result = None
+                request.finished = True
                 earlier = requests[:index]
                 for other in earlier:
                     other.error = None
                     other.result = None
                     other.events = []
+                    other.finished = False
                 return earlier + requests[index + 1 :]
             if request.error is not None:
+                request.finished = True
                 if savepoints:
-                    conn.execute(undo_call)
-                    conn.execute(release_call)
+                    _execute(conn, undo_call)
+                    _execute(conn, release_call)
                 else:
-                    conn.execute(self._rollback)
+                    _execute(conn, self._rollback)
                     return requests[index + 1 :]  # a batch of one: nothing else to keep
                 continue
             request.events = tx._events
             if savepoints:
-                conn.execute(release_call)
+                _execute(conn, release_call)
         try:
             conn.execute(self._commit)
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute(self._rollback)
+                _execute(conn, self._rollback)
             runnable = [r for r in requests if r.error is None]
-            if len(requests) > 1 and isinstance(exc, sqlite3.IntegrityError):
+            for request in runnable:
+                request.result = None
+                request.events = []
+            if not isinstance(exc, sqlite3.IntegrityError):
+                raise _Fault(exc) from exc
+            if len(requests) > 1:
                 # A deferred constraint failed at COMMIT: find whose work broke
                 # it by committing each call on its own.
                 for request in runnable:
-                    request.result = None
-                    request.events = []
                     self._commit_alone(request)
                 return []
-            failure: BaseException = exc
-            if not isinstance(exc, sqlite3.IntegrityError):
-                failure = StorageError(f"cannot commit on {self.path!r}: {exc}")
-                failure.__cause__ = exc
             for request in runnable:
-                request.error = failure
-                request.result = None
-                request.events = []
+                request.error = exc
+                request.finished = True
             return []
+        for request in requests:
+            request.finished = True
         self.batches += 1
         return []
 
@@ -668,18 +1020,67 @@ class Store:
     # ------------------------------------------------------------- reading
 
     async def checkpoint(self) -> None:
-        """Copy the WAL back into the database (PASSIVE: never waits for the writer)."""
-        await self.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        """Copy the WAL back into the database (PASSIVE: never waits for the writer).
 
-    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn(conn)`` on the reader connection in a worker thread."""
-        return await anyio.to_thread.run_sync(self._read, fn, limiter=self._read_limiter)
+        Housekeeping: a storage fault skips this round.
+        """
+        try:
+            await anyio.to_thread.run_sync(
+                self._read,
+                lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall(),
+                limiter=self._read_limiter,
+            )
+        except sqlite3.Error as exc:
+            if not is_storage_fault(exc):
+                raise
+            logger.debug("WAL checkpoint skipped: %s", exc)
+
+    async def read(
+        self, fn: Callable[[sqlite3.Connection], Any], *, background: bool = True
+    ) -> Any:
+        """Run ``fn(conn)`` on the reader connection in a worker thread.
+
+        A storage fault is retried with backoff until the read succeeds or
+        the engine stops (``background=False``: for up to ``timeout``
+        seconds, then ``StorageError``).
+        """
+        try:
+            return await anyio.to_thread.run_sync(self._read, fn, limiter=self._read_limiter)
+        except sqlite3.Error as exc:
+            if not is_storage_fault(exc):
+                raise
+            error: sqlite3.Error = exc
+        deadline = math.inf if background else anyio.current_time() + self.timeout
+        delay = RETRY_INITIAL
+        while True:
+            self._health.fault(error, self._pending, "read")
+            if self._closing or anyio.current_time() + delay > deadline:
+                raise StorageError(f"cannot read database {self.path!r}: {error}") from error
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+            try:
+                result = await anyio.to_thread.run_sync(self._read, fn, limiter=self._read_limiter)
+            except sqlite3.Error as exc:
+                if not is_storage_fault(exc):
+                    raise
+                error = exc
+                continue
+            self._health.recovered("read")
+            return result
 
     def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         conn = self._reader
         if conn is None:
             raise EngineError("the engine's database is closed")
         return fn(conn)
+
+
+def _execute(conn: sqlite3.Connection, sql: str) -> None:
+    """The engine's own statement inside a batch: a failure there is a storage fault."""
+    try:
+        conn.execute(sql)
+    except sqlite3.Error as exc:
+        raise _Fault(exc) from exc
 
 
 class OutboxRow:
