@@ -13,6 +13,7 @@ import anyio
 
 from engine._actor import Actor, ActorRef, Cell, Tracked
 from engine._backpressure import BackpressureController
+from engine._cancel import as_failure
 from engine._deadletters import DeadLetterReason
 from engine._errors import ActorStopped, MailboxFull
 from engine._events import Event
@@ -278,8 +279,12 @@ class FunctionSubscriber(Actor):
         event = message.event
         try:
             await self.handler(event)
-        except Exception as exc:
-            await self._retry(message, exc)
+        except BaseException as exc:
+            # A stray CancelledError is a failed call too; a real cancellation goes on up.
+            error = as_failure(exc)
+            if error is None:
+                raise
+            await self._retry(message, error)
             return
         cell = self._actorbus_cell
         assert cell is not None
@@ -293,8 +298,11 @@ class FunctionSubscriber(Actor):
             attempts += 1
             try:
                 await self.handler(delivery.event)
-            except Exception as exc:
-                error = exc
+            except BaseException as exc:
+                failure = as_failure(exc)
+                if failure is None:
+                    raise
+                error = failure
                 continue
             cell = self._actorbus_cell
             assert cell is not None

@@ -25,6 +25,7 @@ import anyio
 import msgspec
 
 from engine._actor import Actor, ActorRef, Cell
+from engine._cancel import as_failure
 from engine._errors import ActorStopped
 from engine._supervision import check_name
 from engine._types import Overflow, Restart, check_int, check_timeout
@@ -217,10 +218,15 @@ async def _load(state: _State[_T], flight: _Flight[_T]) -> None:
                 value = await state.loader(key)
             except TenantNotFound:
                 value = None
-    except Exception as exc:
+    except BaseException as exc:
+        # A stray CancelledError from the loader fails this load, not the engine;
+        # a real cancellation (the engine stopping) goes on up.
+        error = as_failure(exc)
+        if error is None:
+            raise
         state.errors += 1
-        logger.warning("loading tenant %s failed: %r", key, exc, extra={"tenant": str(key)})
-        flight.fail(exc)
+        logger.warning("loading tenant %s failed: %r", key, error, extra={"tenant": str(key)})
+        flight.fail(error)
     else:
         if not flight.stale:
             state.store(key, value)

@@ -19,6 +19,7 @@ from ._breaker import CircuitBreakerConfig as CircuitBreakerConfig
 from ._breaker import CircuitOpenError as CircuitOpenError
 from ._breaker import CircuitState as CircuitState
 from ._cache import CacheUnavailable as CacheUnavailable
+from ._cancel import StrayCancellation as StrayCancellation
 from ._deadletters import DeadLetter as DeadLetter
 from ._deadletters import DeadLetters as DeadLetters
 from ._engine import Engine as Engine
@@ -79,6 +80,7 @@ __all__ = [
     "Restart",
     "StorageError",
     "Strategy",
+    "StrayCancellation",
     "SupervisorEscalation",
     "SupervisorRef",
     "TenantKey",

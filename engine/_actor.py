@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
+from ._cancel import as_failure
 from ._deadletters import DeadLetterReason
 from ._errors import ActorStopped, AskTimeout, EngineError, MailboxFull
 from ._types import ActorState, ActorStatistics, Overflow, Restart, check_timeout
@@ -505,19 +506,27 @@ class Cell:
                     await wakeup.wait()
                     continue
                 self.current = item
+                # BaseException: a stray CancelledError is this message's failure
+                # (as_failure tells it from a real cancellation, which goes on up).
                 if type(item) is _Ask:
                     try:
                         result = await receive(item.message)
-                    except Exception as exc:
+                    except BaseException as exc:
+                        error = as_failure(exc)
+                        if error is None:
+                            raise
                         self.current = None
-                        return self._failed(item, 0, exc)
+                        return self._failed(item, 0, error)
                     item.set_result(result)
                 else:
                     try:
                         await receive(item)
-                    except Exception as exc:
+                    except BaseException as exc:
+                        error = as_failure(exc)
+                        if error is None:
+                            raise
                         self.current = None
-                        return self._failed(item, 0, exc)
+                        return self._failed(item, 0, error)
                 self.current = None
                 self.processed += 1
                 batch += 1
@@ -536,9 +545,12 @@ class Cell:
         self.current, self.retry = item, None
         try:
             result = await receive(ask.message if ask is not None else item)
-        except Exception as exc:
+        except BaseException as exc:
+            error = as_failure(exc)
+            if error is None:
+                raise
             self.current = None
-            return self._failed(item, attempts, exc)
+            return self._failed(item, attempts, error)
         self.current = None
         self.processed += 1
         if ask is not None:
