@@ -1,4 +1,4 @@
-"""The breaker actor: owns a circuit breaker's transitions, open timer and log."""
+"""The breaker actor: owns a circuit breaker's open timer, its controls and its log."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from engine._actor import Actor
-from engine._breaker import CircuitBreaker, CircuitState, Generation
+from engine._breaker import CircuitBreaker, CircuitState, ForceOpen, Generation, Moved, Reset
 from engine._errors import EngineError
 
 if TYPE_CHECKING:
@@ -21,87 +21,83 @@ logger = logging.getLogger("actorbus.breaker")
 
 
 class BreakerActor(Actor):
-    """Moves one breaker between CLOSED, OPEN and HALF_OPEN.
+    """Times, controls and logs one breaker's moves between CLOSED, OPEN and HALF_OPEN.
 
-    Callers report a generation that should move on (a failure that reached
-    the threshold, any half-open failure, the success that ends HALF_OPEN);
-    a report about a generation that is no longer published is stale and
-    ignored. The open timer is a task in the engine's task group, cancelled
-    when the state moves first.
+    Callers publish the transitions their outcomes make (``breaker.publish``)
+    and then tell this actor (``Moved``); it logs each generation once and arms
+    the open timer of an OPEN one that is still published. The timer is a task
+    in the engine's task group; when it runs out it moves the breaker to
+    HALF_OPEN unless the state moved first. ``Reset`` and ``ForceOpen`` are the
+    user's controls.
     """
 
     def __init__(self, engine: Engine, breaker: CircuitBreaker) -> None:
         self.engine = engine
         self.breaker = breaker
         self.timer: anyio.CancelScope | None = None
+        # The OPEN generation the timer runs for.
+        self.timed: Generation | None = None
 
     async def receive(self, message: Any) -> None:
         breaker = self.breaker
-        current = breaker.generation
         match message:
-            case ("open", Generation() as generation) if generation is current:
-                self._open()
-            case ("close", Generation() as generation) if (
-                generation is current and current.state is CircuitState.HALF_OPEN
-            ):
-                self._publish(CircuitState.CLOSED)
-            case ("half_open", Generation() as generation) if (
-                generation is current and current.state is CircuitState.OPEN
-            ):
-                self._publish(CircuitState.HALF_OPEN)
-            case "reset":
-                self._publish(CircuitState.CLOSED)
-            case "force_open":
-                self._open()
+            case Moved(generation=generation):
+                self._announce(generation)
+            case Reset():
+                self._announce(breaker.publish(CircuitState.CLOSED))
+            case ForceOpen():
+                self._announce(breaker.publish(CircuitState.OPEN))
             case _:
-                pass  # a stale report: the state already moved on
+                raise TypeError(f"the breaker actor got an unknown message {message!r}")
+        # A caller's Moved can be refused by a full mailbox (user controls fill it): the
+        # published generation still gets its log line and its timer on the next turn.
+        self._announce(breaker.generation)
 
     async def on_start(self) -> None:
-        # Failures counted before the engine ran (no actor to tell) still open it.
-        breaker = self.breaker
-        current = breaker.generation
-        if (
-            current.state is CircuitState.CLOSED
-            and current.failures >= breaker.config.failure_threshold
-        ):
-            self._open()
+        # Caught up on what was published while no instance ran: before the engine
+        # started (failures can open a breaker then) or while this actor restarted.
+        self._announce(self.breaker.generation)
 
     async def on_stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
 
-    def _open(self) -> None:
-        generation = self._publish(CircuitState.OPEN)
-        scope = anyio.CancelScope()
-        self.timer = scope
-        self.engine._task_group.start_soon(
-            self._half_open_after, scope, generation, name=f"breaker {self.breaker.name} timer"
-        )
-
-    async def _half_open_after(self, scope: anyio.CancelScope, generation: Generation) -> None:
-        with scope:
-            await anyio.sleep(self.breaker.config.timeout)
-            cell = self._actorbus_cell
-            if cell is not None and not cell.closed:
-                with contextlib.suppress(EngineError):  # stopping: the state no longer matters
-                    cell.ref.try_tell(("half_open", generation))
-
-    def _publish(self, state: CircuitState) -> Generation:
+    def _announce(self, generation: Generation) -> None:
+        """Log ``generation`` once; arm its timer while it is the published OPEN one."""
         breaker = self.breaker
-        old = breaker.generation
+        if not generation.announced:
+            generation.announced = True
+            if generation.state is not generation.previous:
+                state = generation.state
+                logger.log(
+                    logging.WARNING if state is CircuitState.OPEN else logging.INFO,
+                    "breaker %r: %s -> %s",
+                    breaker.name,
+                    generation.previous.value,
+                    state.value,
+                    extra={"breaker": breaker.name, "state": state.value},
+                )
+        if generation is not breaker.generation or generation is self.timed:
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        generation = Generation(state, old.number + 1, anyio.current_time())
-        breaker.generation = generation
-        if state is not old.state:
-            breaker.transitions += 1
-            logger.log(
-                logging.WARNING if state is CircuitState.OPEN else logging.INFO,
-                "breaker %r: %s -> %s",
-                breaker.name,
-                old.state.value,
-                state.value,
-                extra={"breaker": breaker.name, "state": state.value},
+            self.timed = None
+        if generation.state is CircuitState.OPEN:
+            scope = anyio.CancelScope()
+            self.timer = scope
+            self.timed = generation
+            self.engine._task_group.start_soon(
+                self._half_open_after, scope, generation, name=f"breaker {breaker.name} timer"
             )
-        return generation
+
+    async def _half_open_after(self, scope: anyio.CancelScope, generation: Generation) -> None:
+        with scope:
+            # From the opening, not from now: a breaker opened before its actor
+            # started keeps the retry_after its callers were told.
+            await anyio.sleep_until(generation.opened_at + self.breaker.config.timeout)
+            breaker = self.breaker
+            if generation is breaker.generation:
+                moved = breaker.publish(CircuitState.HALF_OPEN)
+                with contextlib.suppress(EngineError):  # stopping: the log no longer matters
+                    self.ref.try_tell(Moved(moved))

@@ -1,12 +1,15 @@
 """Circuit breakers: the configuration, the caller's handle and its published state.
 
-The breaker actor (actors/_breaker.py) owns the state machine: transitions,
-the open timer and the log. It publishes one ``Generation`` object per state;
-callers read it, take permits from it synchronously and write their outcomes
-into it, so the closed path costs no mailbox round trip and no clock read. A
-caller only tells the actor when its outcome may move the state (a failure,
-or the success that ends HALF_OPEN); an outcome written into a generation
-that is no longer published changes nothing.
+A breaker publishes one ``Generation`` object per state; callers read it, take
+permits from it synchronously and write their outcomes into it, so the closed
+path costs no mailbox round trip and no clock read. The caller whose outcome
+crosses a threshold (the failure that reaches ``failure_threshold``, any
+half-open failure, the ``success_threshold``-th probe success) publishes the
+next generation itself before its call returns: on one event loop a
+synchronous swap is atomic, so the state never lags an outcome. It then tells
+the breaker actor (actors/_breaker.py), which owns what takes time or must be
+serialised: the open timer, ``reset``/``force_open`` and the log. An outcome
+written into a generation that is no longer published changes nothing.
 """
 
 from __future__ import annotations
@@ -134,19 +137,53 @@ class BreakerMetrics(msgspec.Struct, frozen=True, kw_only=True):
 class Generation:
     """One published state of a breaker; callers write their outcomes into it."""
 
-    __slots__ = ("failures", "number", "opened_at", "permits", "reported", "state", "successes")
+    __slots__ = (
+        "announced",
+        "failures",
+        "number",
+        "opened_at",
+        "permits",
+        "previous",
+        "state",
+        "successes",
+    )
 
-    def __init__(self, state: CircuitState, number: int, opened_at: float = 0.0) -> None:
+    def __init__(
+        self,
+        state: CircuitState,
+        number: int,
+        opened_at: float = 0.0,
+        previous: CircuitState | None = None,
+    ) -> None:
         self.state = state
         self.number = number
         self.opened_at = opened_at
+        # The state this generation replaced (itself for the first one).
+        self.previous = state if previous is None else previous
         # Consecutive failures (CLOSED) or successful probes (HALF_OPEN).
         self.failures = 0
         self.successes = 0
         # Probes in flight (HALF_OPEN).
         self.permits = 0
-        # The actor has been told this generation should move on.
-        self.reported = False
+        # The actor has logged this generation (and armed its timer if OPEN).
+        self.announced = previous is None
+
+
+# Messages to the breaker actor.
+
+
+class Moved(msgspec.Struct, frozen=True, tag="breaker.moved"):
+    """``generation`` was published outside the actor: log it, arm its timer if it is OPEN."""
+
+    generation: Generation
+
+
+class Reset(msgspec.Struct, frozen=True, tag="breaker.reset"):
+    """``breaker.reset()``: close now."""
+
+
+class ForceOpen(msgspec.Struct, frozen=True, tag="breaker.force_open"):
+    """``breaker.force_open()``: open now (the timeout starts over)."""
 
 
 class CircuitBreaker:
@@ -262,12 +299,8 @@ class CircuitBreaker:
         self._successes += 1
         generation.permits -= 1
         generation.successes += 1
-        if (
-            generation.successes >= config.success_threshold
-            and not generation.reported
-            and generation is self.generation
-        ):
-            generation.reported = self._tell(("close", generation))
+        if generation.successes >= config.success_threshold and generation is self.generation:
+            self._move(_CLOSED)
         return result
 
     def _too_slow(self) -> NoReturn:
@@ -292,34 +325,49 @@ class CircuitBreaker:
         ):
             return
         self._failures += 1
-        if generation is not self.generation or generation.reported:
+        if generation is not self.generation:
             return  # admitted before a transition: it does not move the new state
         if generation.state is _CLOSED:
             generation.failures += 1
             if generation.failures < config.failure_threshold:
                 return
-        # Not running in an engine yet: the actor opens it when it starts.
-        generation.reported = self._tell(("open", generation))
+        self._move(_OPEN)
 
-    def _tell(self, message: tuple[str, Generation]) -> bool:
+    def _move(self, state: CircuitState) -> None:
+        """A caller's outcome crossed a threshold: publish ``state`` now, then tell the actor."""
+        generation = self.publish(state)
         actor = self._actor
         if actor is None:
-            return False
+            return  # not running in an engine yet: its actor announces it when it starts
         with contextlib.suppress(EngineError):  # stopping: the state no longer matters
-            actor.try_tell(message)
-        return True
+            actor.try_tell(Moved(generation))
+
+    def publish(self, state: CircuitState) -> Generation:
+        """Publish a new generation in ``state`` (counts start over) and return it.
+
+        The one place a breaker's state changes, for the callers whose outcome
+        crosses a threshold and for the breaker actor; a change of state counts
+        as one transition. Users move a breaker with ``reset``/``force_open``:
+        this neither logs nor arms the open timer.
+        """
+        old = self.generation
+        generation = Generation(state, old.number + 1, anyio.current_time(), old.state)
+        self.generation = generation
+        if state is not old.state:
+            self.transitions += 1
+        return generation
 
     # ---------------------------------------------------------- controls
 
     async def reset(self) -> None:
         """Close the breaker now (counts start over)."""
-        await self._ask("reset")
+        await self._ask(Reset())
 
     async def force_open(self) -> None:
         """Open the breaker now (it admits probes after ``timeout``)."""
-        await self._ask("force_open")
+        await self._ask(ForceOpen())
 
-    async def _ask(self, command: str) -> None:
+    async def _ask(self, command: Reset | ForceOpen) -> None:
         actor = self._actor
         if actor is None:
             raise EngineError(f"breaker {self.name!r} is not running in an engine")

@@ -10,8 +10,10 @@ any tenant it likes with ``X-Tenant-ID``, so the app checks that the caller belo
 Answers, each with a short JSON body ``{"error": ..., "detail": ...}`` that never echoes
 the input: 400 for several ``Host`` or tenant headers, a missing identifier or one that
 fails validation (non-ASCII, control characters, too long, malformed); 404 for an unknown
-tenant; 503 when the resolver fails or times out (with ``Retry-After`` when the error
-says when, as ``CircuitOpenError`` does). Bad input never makes a 500.
+tenant; 503 when the resolver fails or times out (with ``Retry-After`` when the error, or
+one it was raised from, says when: a ``CircuitOpenError`` behind the ``CacheUnavailable``
+of a ``RedisCache`` whose breaker is open, say; whole seconds, 1 to 86400). Bad input
+never makes a 500.
 
 The tenant reaches the app in ``scope["state"]["tenant"]`` (and its ``TenantKey`` in
 ``scope["state"]["tenant_key"]``); the app gets a copy of the scope and of its
@@ -94,6 +96,12 @@ _MAX_HEADER_BYTES: Final = 4096
 _MAX_DETAIL: Final = 200
 _CLOSE_POLICY_VIOLATION: Final = 1008
 _CLOSE_TRY_AGAIN_LATER: Final = 1013
+# Retry-After bounds: at least a second (0 invites an immediate retry storm), at most a
+# day (a huge or infinite retry_after still makes a short, valid header).
+_MIN_RETRY_AFTER: Final = 1
+_MAX_RETRY_AFTER: Final = 86_400
+# How far down the __cause__/__context__ chain a retry_after is looked for.
+_MAX_CHAIN: Final = 16
 
 
 class _Refusal(Exception):
@@ -211,13 +219,35 @@ def _without_port(header: str, host: str) -> str:
 
 
 def _retry_after(error: BaseException) -> list[tuple[bytes, bytes]]:
-    seconds = getattr(error, "retry_after", None)
-    if (
-        isinstance(seconds, int | float)
-        and not isinstance(seconds, bool)
-        and math.isfinite(seconds)
-    ):
-        return [(b"retry-after", str(max(1, math.ceil(seconds))).encode("ascii"))]
+    """A ``Retry-After`` header from the first error in the chain that says when, if any.
+
+    Wrappers such as ``CacheUnavailable`` chain the error that knows (``__cause__``,
+    or ``__context__`` unless suppressed); the walk is bounded and stops at a cycle.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen and len(seen) < _MAX_CHAIN:
+        seen.add(id(current))
+        try:
+            seconds = getattr(current, "retry_after", None)
+        except Exception:  # a property that fails says nothing
+            seconds = None
+        # NaN and non-numbers say nothing; the errors it was raised from may.
+        if (
+            isinstance(seconds, int | float)
+            and not isinstance(seconds, bool)
+            and not (isinstance(seconds, float) and math.isnan(seconds))
+        ):
+            # Clamped before rounding: int/float comparisons are exact at any size, while
+            # math.ceil(inf) raises and str() of a huge int is refused.
+            whole = math.ceil(min(max(seconds, _MIN_RETRY_AFTER), _MAX_RETRY_AFTER))
+            return [(b"retry-after", str(whole).encode("ascii"))]
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            current = None
+        else:
+            current = current.__context__
     return []
 
 

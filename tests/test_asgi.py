@@ -2,7 +2,9 @@
 
 In process (the middleware called with a fake receive and send) for every rule, then
 through a real server (hypercorn on asyncio and on trio) with an HTTP client. The resolver
-is always the real TenantResolver, in an Engine.
+is the real TenantResolver, in an Engine, except where a test needs a resolver that
+raises one exact error (the Retry-After rules); the open-breaker 503 is also checked end
+to end: hypercorn, the resolver, a RedisCache on a real redis-server, a real breaker.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 from uuid import UUID, uuid4
@@ -25,9 +28,11 @@ from hypercorn.config import Config
 from hypercorn.typing import ASGIFramework
 
 from actors._resolver import TenantResolver, start_tenant_resolver
-from engine import Engine, TenantKey
+from engine import CircuitBreakerConfig, CircuitOpenError, CircuitState, Engine, TenantKey
 from engine.asgi import Message, Receive, Scope, Send, TenantMiddleware
+from engine.cache import CacheUnavailable, RedisCache
 from engine.tenancy import TenantIdentifierValidator, TenantKeyKind
+from tests.redis_server import RedisServer, redis_server_binary
 
 pytestmark = pytest.mark.anyio
 
@@ -489,6 +494,176 @@ async def test_a_503_says_when_to_retry_when_the_error_knows() -> None:
         assert result.headers[b"retry-after"] == b"3"
 
 
+class Failing:
+    """A resolver that raises exactly ``error`` (a fresh one from ``make`` each time)."""
+
+    def __init__(self, make: Callable[[], BaseException]) -> None:
+        self.make = make
+
+    async def resolve(self, key: TenantKey, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        raise self.make()
+
+
+async def refusal_for(make: Callable[[], BaseException]) -> Answer:
+    result = await request(TenantMiddleware(Inner(), Failing(make)), (b"x-tenant-slug", b"acme"))
+    refused(result, 503, "tenant_unavailable")
+    return result
+
+
+class Said(ConnectionError):
+    """An outage error carrying any ``retry_after`` value at all."""
+
+    def __init__(self, retry_after: object) -> None:
+        super().__init__("down")
+        self.retry_after = retry_after
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [
+        (2.2, b"3"),
+        (30, b"30"),
+        (0.0, b"1"),
+        (0, b"1"),
+        (-5.0, b"1"),
+        (86_400.5, b"86400"),
+        (1e300, b"86400"),
+        (10**5000, b"86400"),  # no float holds it; str() of it is refused
+        (-(10**5000), b"1"),
+        (math.inf, b"86400"),
+        (-math.inf, b"1"),
+        (math.nan, None),
+        (True, None),
+        ("5", None),
+        (None, None),
+    ],
+    ids=[
+        "fraction",
+        "int",
+        "zero",
+        "int-zero",
+        "negative",
+        "over-a-day",
+        "1e300",
+        "10**5000",
+        "-10**5000",
+        "inf",
+        "-inf",
+        "nan",
+        "bool",
+        "str",
+        "none",
+    ],
+)
+async def test_retry_after_is_clamped_to_a_short_valid_header(
+    seconds: object, header: bytes | None
+) -> None:
+    result = await refusal_for(lambda: Said(seconds))
+    assert result.headers.get(b"retry-after") == header
+
+
+def wrapped_in_cache_unavailable() -> BaseException:
+    try:
+        try:
+            raise CircuitOpenError("redis", 7.5)
+        except CircuitOpenError as error:
+            raise CacheUnavailable("Redis cache: GET failed") from error
+    except CacheUnavailable as wrapped:
+        return wrapped
+
+
+def raised_while_handling() -> BaseException:
+    try:
+        raise CircuitOpenError("redis", 7.5)
+    except CircuitOpenError:
+        try:
+            raise RuntimeError("the loader failed while handling it")
+        except RuntimeError as error:
+            return error
+
+
+def raised_from_none() -> BaseException:
+    try:
+        raise CircuitOpenError("redis", 7.5)
+    except CircuitOpenError:
+        try:
+            raise RuntimeError("the loader hid it") from None
+        except RuntimeError as error:
+            return error
+
+
+def outer_says_first() -> BaseException:
+    outer = Said(1.5)
+    outer.__cause__ = CircuitOpenError("redis", 7.5)
+    return outer
+
+
+def chain(depth: int) -> BaseException:
+    """``depth`` plain errors, each caused by the next, ending in an open circuit."""
+    error: BaseException = CircuitOpenError("redis", 7.5)
+    for level in range(depth):
+        outer = ConnectionError(f"level {level}")
+        outer.__cause__ = error
+        error = outer
+    return error
+
+
+def cycle() -> BaseException:
+    first, second = ConnectionError("first"), ConnectionError("second")
+    first.__cause__, second.__context__ = second, first
+    return first
+
+
+class Broken(ConnectionError):
+    @property
+    def retry_after(self) -> float:
+        raise RuntimeError("a retry_after that fails")
+
+
+def broken_then_open() -> BaseException:
+    error = Broken("down")
+    error.__cause__ = CircuitOpenError("redis", 7.5)
+    return error
+
+
+def nan_then_open() -> BaseException:
+    error = Said(math.nan)  # says nothing: the error it was raised from may
+    error.__cause__ = CircuitOpenError("redis", 7.5)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("make", "header"),
+    [
+        (wrapped_in_cache_unavailable, b"8"),
+        (raised_while_handling, b"8"),
+        (raised_from_none, None),  # suppressed on purpose: not looked at
+        (outer_says_first, b"2"),
+        (lambda: chain(3), b"8"),
+        (lambda: chain(10_000), None),  # the walk is bounded
+        (cycle, None),  # and stops at a cycle
+        (broken_then_open, b"8"),
+        (nan_then_open, b"8"),
+    ],
+    ids=[
+        "cause",
+        "context",
+        "from-none",
+        "outermost-first",
+        "deep",
+        "too-deep",
+        "cycle",
+        "failing-property",
+        "nan-then-cause",
+    ],
+)
+async def test_retry_after_is_found_down_the_cause_chain(
+    make: Callable[[], BaseException], header: bytes | None
+) -> None:
+    result = await refusal_for(make)
+    assert result.headers.get(b"retry-after") == header
+
+
 async def test_a_resolver_timeout_is_a_503() -> None:
     async with directory_resolver() as (resolver, _):
         app = TenantMiddleware(Inner(), resolver, timeout=0)
@@ -723,3 +898,61 @@ async def test_through_hypercorn_with_an_http_client(anyio_backend: str) -> None
         stats = resolver.statistics()
         assert stats.loads == 5  # acme, acme.example.com, 127.0.0.1, ghost, broken
         assert stats.errors == 1
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer(redis_server_binary()) as server:
+        yield server
+
+
+async def test_an_open_redis_breaker_is_a_503_with_retry_after_end_to_end(
+    anyio_backend: str, redis_server: RedisServer
+) -> None:
+    # The tenants live in Redis behind a breaker: an open breaker reaches the middleware
+    # as a CacheUnavailable chaining the CircuitOpenError that says when to come back.
+    timeout = 3600.0
+    config = CircuitBreakerConfig(failure_threshold=2, timeout=timeout)
+    async with Engine() as engine:
+        breaker = engine.breaker("redis", config)
+        async with RedisCache(redis_server.url, prefix="tenants", breaker=breaker) as cache:
+
+            async def load(key: TenantKey) -> Tenant | None:
+                name = await cache.get(str(key.value))
+                return None if name is None else Tenant(name.decode())
+
+            for slug in ("acme", "globex"):
+                await cache.set(slug, slug.encode())
+            resolver = await engine.tenant_resolver(load)
+            app = TenantMiddleware(lifespan_app, resolver)
+            async with served(app, anyio_backend) as url, httpx.AsyncClient(base_url=url) as client:
+
+                async def get(slug: str) -> httpx.Response:
+                    return await client.get("/", headers={"X-Tenant-Slug": slug})
+
+                def says_when(response: httpx.Response) -> bool:
+                    assert response.status_code == 503
+                    assert response.json()["error"] == "tenant_unavailable"
+                    if "retry-after" not in response.headers:
+                        return False
+                    # Whole seconds left of the open timeout (how many depends on the clock).
+                    assert 1 <= int(response.headers["retry-after"]) <= timeout
+                    return True
+
+                assert (await get("acme")).json()["tenant"] == "acme"
+
+                await breaker.force_open()
+                assert says_when(await get("globex"))
+                await breaker.reset()
+                assert (await get("globex")).json()["tenant"] == "globex"
+
+                # Redis gone: a failure is a 503 that cannot say when; the one that
+                # reaches the threshold has opened the breaker when its request is
+                # answered, and the very next request is told when to come back.
+                redis_server.stop()
+                assert not says_when(await get("initech"))
+                assert breaker.metrics().state is CircuitState.CLOSED
+                assert not says_when(await get("umbrella"))
+                assert breaker.metrics().state is CircuitState.OPEN
+                assert says_when(await get("hooli"))
+                assert breaker.metrics().rejected == 2
