@@ -4,8 +4,12 @@ msgspec checks types and ``Meta`` constraints only while decoding, and an event 
 Python is published without ever being decoded. So ``Event.validate()`` repeats those
 checks on the instance, adds each field's ``Check`` rules and the nil-UUID rule, then the
 class's cross-field ``_check``; the per-class validator is generated once, on first use.
+What validates encodes: ``validate()`` also refuses every value the encoder cannot write
+faithfully (an int beyond 64 bits, NaN, a lone surrogate, a UTC offset with seconds, an
+object JSON has no form for), so ``publish`` never meets an encoding error later.
 """
 
+import dataclasses
 import enum
 import functools
 import math
@@ -88,15 +92,35 @@ class EventDecodeError(EngineError):
 
 
 _PREVIEW_CHARS: Final = 40
+_ECHO_HEAD: Final = 60
+_ECHO_TAIL: Final = 24
 
 
 def _preview(value: object) -> str:
     """A short repr for error messages: hostile input can be megabytes long."""
-    text = repr(value)
+    if isinstance(value, int) and value.bit_length() > 128:
+        # repr() of a huge int is quadratic and, past 4300 digits, a ValueError.
+        sign = "negative " if value < 0 else ""
+        return f"<{sign}int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except ValueError:  # a huge int somewhere inside
+        return f"<{type(value).__name__}>"
     if len(text) <= _PREVIEW_CHARS:
         return text
     size = f"{len(value)} chars" if isinstance(value, str) else type(value).__name__
     return f"{text[: _PREVIEW_CHARS - 1]}… ({size})"
+
+
+def _shorten(text: str) -> str:
+    """``text`` cut in the middle when long, its length noted.
+
+    For messages that echo input (a decoder naming an unknown 10 MB tag); the tail is
+    kept because it says where the input went wrong (msgspec ends with ``- at `$.type```).
+    """
+    if len(text) <= _ECHO_HEAD + _ECHO_TAIL + 20:
+        return text
+    return f"{text[:_ECHO_HEAD]}… ({len(text)} chars) …{text[-_ECHO_TAIL:]}"
 
 
 # ---------------------------------------------------------------------------
@@ -140,6 +164,15 @@ def _must_be_utc(event_type: str, field: str, value: datetime) -> None:
 
 
 _ZERO: Final = timedelta(0)
+_MINUTE: Final = timedelta(minutes=1)
+
+# What msgspec writes and reads natively (int64 and uint64). Its JSON encoder writes
+# larger ints too, up to Python's int-to-str digit limit, a process-wide setting, and
+# its decoder reads at most 4300 characters: a fixed range keeps "what validates
+# encodes" independent of both and of what a consumer in another language can read.
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+_BEYOND_64_BITS: Final = " (events carry 64-bit integers)"
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +276,7 @@ def _register(cls: "type[Event]", *, explicit_tag: bool) -> None:
     tag = cls.__struct_config__.tag
     if not isinstance(tag, str) or not tag or tag != tag.strip():
         raise TypeError(f"{cls.__qualname__}: an event tag must be a non-empty string, got {tag!r}")
+    _check_decodable(cls)
     with _registry_lock:
         existing = _by_tag.get(tag)
         if existing is not None and not _same_definition(existing, cls):
@@ -258,6 +292,22 @@ def _register(cls: "type[Event]", *, explicit_tag: bool) -> None:
         _by_tag[tag] = cls
         type.__setattr__(cls, "event_type", tag)
         _decoder = None
+
+
+def _check_decodable(cls: "type[Event]") -> None:
+    """Refuse a class msgspec cannot decode (``str | datetime``, an int bound beyond 64 bits).
+
+    Every event is decoded by one decoder of the union of all registered classes: one such
+    class registered would make every ``decode()`` fail, the relay's included.
+    """
+    try:
+        msgspec.json.Decoder(cls)
+    except NameError:
+        # A forward reference (to the class itself, or to one defined below it) resolves
+        # only once its module has run; the union decoder meets it later.
+        return
+    except Exception as exc:
+        raise TypeError(f"{cls.__qualname__} cannot be decoded from JSON: {exc}") from exc
 
 
 def _same_definition(old: "type[Event]", new: "type[Event]") -> bool:
@@ -312,8 +362,9 @@ class Event(
     share fields or rules passes ``abstract=True`` and is not registered.
 
     Fields are checked by ``validate()``: declared types, ``msgspec.Meta`` constraints,
-    the rules of each field's ``Check`` metadata, every UUID is not the nil UUID, then the
-    cross-field rules of ``_check``.
+    the rules of each field's ``Check`` metadata, every UUID is not the nil UUID, every
+    value can be encoded (integers within 64 bits, ``OUT_OF_RANGE``), then the cross-field
+    rules of ``_check``. A class msgspec could not decode is refused when it is defined.
     """
 
     __event_abstract__: ClassVar[bool]
@@ -328,7 +379,7 @@ class Event(
     actor_id: UUID | None = None
     correlation_id: UUID | None = None
     causation_id: UUID | None = None
-    schema_version: Annotated[int, msgspec.Meta(ge=1)] = 1
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] = 1
 
     def validate(self) -> None:
         """Raise ``EventValidationError`` for the first broken rule, field by field."""
@@ -369,7 +420,7 @@ class _Invalid(Exception):
 
 
 _Checker: TypeAlias = Callable[[Any], None]
-_FieldPlan: TypeAlias = tuple[str, mi.Type, _Checker | None, tuple[Rule, ...]]
+_FieldPlan: TypeAlias = tuple[str, mi.Type, _Checker, tuple[Rule, ...]]
 
 _validators: dict[type, Callable[[Any], None]] = {}
 _struct_checkers: dict[type, _Checker] = {}
@@ -421,11 +472,10 @@ def _generate_validator(cls: type[Event]) -> Callable[[Any], None]:
         if not name.isidentifier():  # pragma: no cover - msgspec refuses such fields
             raise TypeError(f"{cls.__qualname__}: field name {name!r} is not an identifier")
         lines.append(f"    v = self.{name}")
-        if checker is not None:
-            namespace[f"c{index}"] = _reporting(event_type, name, checker)
-            guard = _fast_guard(info)
-            call = f"c{index}(v)"
-            lines.append(f"    if {guard}: {call}" if guard else f"    {call}")
+        namespace[f"c{index}"] = _reporting(event_type, name, checker)
+        guard = _fast_guard(info)
+        call = f"c{index}(v)"
+        lines.append(f"    if {guard}: {call}" if guard else f"    {call}")
         if rules:
             lines.append("    if v is not None:")
             for number, rule in enumerate(rules):
@@ -454,6 +504,9 @@ def _reporting(event_type: str, field: str, checker: _Checker) -> _Checker:
     return check_field
 
 
+_GUARD_FAILING: Final = {">=": "<", ">": "<=", "<=": ">", "<": ">="}
+
+
 def _fast_guard(t: mi.Type) -> str | None:
     """A condition on ``v`` that is false only for values that certainly pass ``t``.
 
@@ -466,9 +519,8 @@ def _fast_guard(t: mi.Type) -> str | None:
         return f"v is not None and ({inner})" if inner else None
     if isinstance(t, mi.IntType) and t.multiple_of is None:
         guard = "v.__class__ is not int"
-        for limit, failing in ((t.ge, "<"), (t.gt, "<="), (t.le, ">"), (t.lt, ">=")):
-            if limit is not None:
-                guard += f" or v {failing} {int(limit)!r}"
+        for _, limit, symbol, _ in _int_bounds(t):
+            guard += f" or v {_GUARD_FAILING[symbol]} {int(limit)!r}"
         return guard
     if (
         isinstance(t, mi.StrType)
@@ -481,6 +533,8 @@ def _fast_guard(t: mi.Type) -> str | None:
         return "v is not True and v is not False"
     if isinstance(t, mi.DateTimeType) and t.tz is not False:
         return "v.__class__ is not _datetime or v.tzinfo is not _UTC"
+    if isinstance(t, mi.AnyType):
+        return "v is not None"
     return None
 
 
@@ -514,10 +568,14 @@ def _fail(kind: ValidationErrorKind, message: str) -> NoReturn:
     raise _Invalid(kind, message)
 
 
-def _compile(t: mi.Type) -> _Checker | None:
-    """A checker for values of the inspected type, or ``None`` when anything goes."""
+def _compile(t: mi.Type) -> _Checker:
+    """A checker for values of the inspected type.
+
+    Every checker also refuses what the encoder cannot write faithfully, so an event that
+    passed ``validate()`` encodes; ``Any`` means any value the encoder can write.
+    """
     if isinstance(t, mi.AnyType):
-        return None
+        return _check_encodable
     if isinstance(t, mi.UUIDType):
         return _check_uuid
     if isinstance(t, mi.UnionType):
@@ -527,9 +585,9 @@ def _compile(t: mi.Type) -> _Checker | None:
     if isinstance(t, mi.BoolType):
         return _check_bool
     if isinstance(t, mi.IntType):
-        return _compile_number(t, _is_int, "int")
+        return _compile_int(t)
     if isinstance(t, mi.FloatType):
-        return _compile_number(t, _is_float, "float")
+        return _compile_float(t)
     if isinstance(t, mi.StrType):
         return _compile_str(t)
     if isinstance(t, mi.BytesType | mi.ByteArrayType | mi.MemoryViewType):
@@ -547,6 +605,7 @@ def _compile(t: mi.Type) -> _Checker | None:
     if isinstance(t, mi.LiteralType):
         return _compile_literal(t)
     if isinstance(t, mi.EnumType):
+        # msgspec refuses to decode enums and literals whose values JSON cannot carry.
         return _compile_instance(t.cls, t.cls.__name__)
     if isinstance(t, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType):
         return _compile_collection(t)
@@ -554,17 +613,19 @@ def _compile(t: mi.Type) -> _Checker | None:
         return _compile_tuple(t)
     if isinstance(t, mi.DictType | mi.FrozenDictType):
         return _compile_dict(t)
-    if isinstance(t, mi.StructType):
-        return _compile_struct(t.cls)
+    if isinstance(t, mi.StructType | mi.DataclassType):
+        return _compile_record(t.cls)
+    if isinstance(t, mi.NamedTupleType):
+        return _compile_named_tuple(t)
     if isinstance(t, mi.TypedDictType):
-        return _compile_instance(dict, "dict")
-    if isinstance(t, mi.DataclassType | mi.NamedTupleType | mi.CustomType):
-        return _compile_instance(t.cls, t.cls.__name__)
+        return _compile_typed_dict(t)
     if isinstance(t, mi.RawType):
         return _compile_instance(msgspec.Raw, "msgspec.Raw")
-    # Types that cannot appear in JSON (msgpack Ext) or that msgspec adds later: leave
-    # them to the encoder rather than refuse an event we do not understand.
-    return None
+    if isinstance(t, mi.CustomType):
+        return _compile_custom(t.cls)
+    # Types that cannot appear in JSON (msgpack Ext) or that msgspec adds later: whatever
+    # the value, it must get through the encoder.
+    return _check_encodable
 
 
 def _check_uuid(value: Any) -> None:
@@ -594,11 +655,11 @@ def _check_date(value: Any) -> None:
         raise _wrong_type("a date", value)
 
 
-def _compile_union(t: mi.UnionType) -> _Checker | None:
+def _compile_union(t: mi.UnionType) -> _Checker:
+    if any(isinstance(member, mi.AnyType) for member in t.types):
+        return _check_encodable
     members = [_compile(member) for member in t.types]
-    if any(member is None for member in members):
-        return None
-    checkers = [cast(_Checker, member) for member in members if member is not _check_none]
+    checkers = [member for member in members if member is not _check_none]
     optional = len(checkers) < len(members)
     if optional and checkers == [_check_uuid]:
         return _check_optional_uuid
@@ -630,35 +691,83 @@ def _describe(t: mi.Type) -> str:
     return type(t).__name__.removesuffix("Type").lower()
 
 
+# ------------------------------------------------------------------ numbers
+
+_Bound: TypeAlias = tuple[Callable[[Any, Any], bool], Any, str, str]
+"""``(test, limit, symbol, why)``: ``test(value, limit)`` is true for a value within it."""
+
+
+def _declared_bounds(t: mi.IntType | mi.FloatType) -> list[_Bound]:
+    return [
+        (test, limit, symbol, "")
+        for limit, test, symbol in (
+            (t.ge, operator.ge, ">="),
+            (t.gt, operator.gt, ">"),
+            (t.le, operator.le, "<="),
+            (t.lt, operator.lt, "<"),
+        )
+        if limit is not None
+    ]
+
+
+def _int_bounds(t: mi.IntType) -> list[_Bound]:
+    """The declared bounds, then the 64-bit range where they do not already imply it."""
+    bounds = _declared_bounds(t)
+    ge, gt, le, lt = t.ge, t.gt, t.le, t.lt
+    if not ((ge is not None and ge >= _INT_MIN) or (gt is not None and gt >= _INT_MIN - 1)):
+        bounds.append((operator.ge, _INT_MIN, ">=", _BEYOND_64_BITS))
+    if not ((le is not None and le <= _INT_MAX) or (lt is not None and lt <= _INT_MAX + 1)):
+        bounds.append((operator.le, _INT_MAX, "<=", _BEYOND_64_BITS))
+    return bounds
+
+
+def _out_of_range(symbol: str, limit: Any, why: str, value: Any) -> NoReturn:
+    _fail(ValidationErrorKind.OUT_OF_RANGE, f"must be {symbol} {limit}{why}, got {_preview(value)}")
+
+
+def _check_int_range(value: int) -> None:
+    if value < _INT_MIN:
+        _out_of_range(">=", _INT_MIN, _BEYOND_64_BITS, value)
+    if value > _INT_MAX:
+        _out_of_range("<=", _INT_MAX, _BEYOND_64_BITS, value)
+
+
+def _check_finite(value: float) -> None:
+    if not math.isfinite(value):
+        # JSON has no NaN or infinity: msgspec would write null.
+        _fail(ValidationErrorKind.INVALID_VALUE, f"must be a finite number, got {value!r}")
+
+
 def _is_int(value: Any) -> bool:
     return value.__class__ is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _is_float(value: Any) -> bool:
-    # msgspec decodes a JSON integer into a float field, so ints are floats here too.
-    if value.__class__ is float or (isinstance(value, float | int) and not isinstance(value, bool)):
-        if not math.isfinite(value):
-            # JSON has no NaN or infinity: msgspec would encode null and fail to decode it.
-            _fail(ValidationErrorKind.INVALID_VALUE, f"must be a finite number, got {value!r}")
+    if value.__class__ is float or isinstance(value, float):
+        _check_finite(value)
+        return True
+    # msgspec decodes a JSON integer into a float field, so ints are floats here too; one
+    # is written as an integer, so it has the range of one.
+    if _is_int(value):
+        _check_int_range(value)
         return True
     return False
 
 
-def _compile_number(
-    t: mi.IntType | mi.FloatType, is_type: Callable[[Any], bool], expected: str
-) -> _Checker:
-    bounds: list[tuple[Callable[[Any, Any], bool], Any, str]] = []
-    for limit, test, symbol in (
-        (t.ge, operator.ge, ">="),
-        (t.gt, operator.gt, ">"),
-        (t.le, operator.le, "<="),
-        (t.lt, operator.lt, "<"),
-    ):
-        if limit is not None:
-            bounds.append((test, limit, symbol))
-    multiple_of = t.multiple_of
-    description = f"an {expected}" if expected == "int" else f"a {expected}"
+def _compile_int(t: mi.IntType) -> _Checker:
+    return _compile_number(_int_bounds(t), t.multiple_of, _is_int, "an int")
 
+
+def _compile_float(t: mi.FloatType) -> _Checker:
+    return _compile_number(_declared_bounds(t), t.multiple_of, _is_float, "a float")
+
+
+def _compile_number(
+    bounds: list[_Bound],
+    multiple_of: float | None,
+    is_type: Callable[[Any], bool],
+    description: str,
+) -> _Checker:
     if not bounds and multiple_of is None:
 
         def check_plain(value: Any) -> None:
@@ -670,16 +779,19 @@ def _compile_number(
     def check_number(value: Any) -> None:
         if not is_type(value):
             raise _wrong_type(description, value)
-        for test, limit, symbol in bounds:
+        for test, limit, symbol, why in bounds:
             if not test(value, limit):
-                _fail(ValidationErrorKind.OUT_OF_RANGE, f"must be {symbol} {limit}, got {value!r}")
+                _out_of_range(symbol, limit, why, value)
         if multiple_of is not None and value % multiple_of:
             _fail(
                 ValidationErrorKind.INVALID_VALUE,
-                f"must be a multiple of {multiple_of}, got {value!r}",
+                f"must be a multiple of {multiple_of}, got {_preview(value)}",
             )
 
     return check_number
+
+
+# ------------------------------------------------------------- text, bytes, time
 
 
 def _check_length(value: Any, min_length: int | None, max_length: int | None, unit: str) -> None:
@@ -698,6 +810,18 @@ def _check_length(value: Any, min_length: int | None, max_length: int | None, un
         )
 
 
+def _check_text(value: str) -> None:
+    """Refuse a lone surrogate: UTF-8 cannot hold one, so msgspec cannot write it."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            _fail(
+                ValidationErrorKind.INVALID_CHARACTERS,
+                f"must be valid Unicode text, got a lone surrogate at {exc.start}",
+            )
+
+
 def _compile_str(t: mi.StrType) -> _Checker:
     min_length, max_length = t.min_length, t.max_length
     # msgspec matches patterns with re.search, so must this.
@@ -707,14 +831,7 @@ def _compile_str(t: mi.StrType) -> _Checker:
     def check_str(value: Any) -> None:
         if not isinstance(value, str):
             raise _wrong_type("a str", value)
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError as exc:
-                _fail(
-                    ValidationErrorKind.INVALID_CHARACTERS,
-                    f"must be valid Unicode text, got a lone surrogate at {exc.start}",
-                )
+        _check_text(value)
         if min_length is not None or max_length is not None:
             _check_length(value, min_length, max_length, "characters")
         if search is not None and search(value) is None:
@@ -738,16 +855,26 @@ def _compile_bytes(t: mi.BytesType | mi.ByteArrayType | mi.MemoryViewType) -> _C
     return check_bytes
 
 
+def _check_offset(value: datetime | dt_time) -> None:
+    offset = value.utcoffset()
+    if offset is not None and offset % _MINUTE:
+        # msgspec writes hours and minutes and drops the rest: the instant would move.
+        _fail(
+            ValidationErrorKind.INVALID_VALUE,
+            f"must have a UTC offset of whole minutes, got {offset} in {value.isoformat()}",
+        )
+
+
 def _compile_tz_aware(cls: type[datetime | dt_time], expected: str, tz: bool | None) -> _Checker:
+    need = "timezone-aware" if tz else "naive (no timezone)"
+
     def check_moment(value: Any) -> None:
         if not isinstance(value, cls):
             raise _wrong_type(f"a {expected}", value)
         if tz is not None and (value.utcoffset() is not None) is not tz:
-            need = "timezone-aware" if tz else "naive (no timezone)"
             _fail(ValidationErrorKind.INVALID_VALUE, f"must be {need}, got {value.isoformat()}")
+        _check_offset(value)
 
-    if cls is datetime and tz is None:
-        return _compile_instance(datetime, "a datetime")
     return check_moment
 
 
@@ -777,8 +904,13 @@ def _compile_literal(t: mi.LiteralType) -> _Checker:
     return check_literal
 
 
+# ------------------------------------------------------------------ containers
+
+
 def _nested(exc: _Invalid, path: str) -> _Invalid:
     exc.path = path + exc.path
+    # The container itself had the right type: a union must report this, not try another.
+    exc.type_mismatch = False
     return exc
 
 
@@ -800,12 +932,11 @@ def _compile_collection(
         if not isinstance(value, cls):
             raise _wrong_type(expected, value)
         _check_length(value, min_length, max_length, "items")
-        if item is not None:
-            for index, element in enumerate(value):
-                try:
-                    item(element)
-                except _Invalid as exc:
-                    raise _nested(exc, f"[{index}]" if indexed else "[*]") from None
+        for index, element in enumerate(value):
+            try:
+                item(element)
+            except _Invalid as exc:
+                raise _nested(exc, f"[{index}]" if indexed else "[*]") from None
 
     return check_collection
 
@@ -823,68 +954,226 @@ def _compile_tuple(t: mi.TupleType) -> _Checker:
                 f"must have exactly {size} items, got {len(value)}",
             )
         for index, (item, element) in enumerate(zip(items, value, strict=True)):
-            if item is not None:
-                try:
-                    item(element)
-                except _Invalid as exc:
-                    raise _nested(exc, f"[{index}]") from None
+            try:
+                item(element)
+            except _Invalid as exc:
+                raise _nested(exc, f"[{index}]") from None
 
     return check_tuple
 
 
 def _compile_dict(t: mi.DictType | mi.FrozenDictType) -> _Checker:
     key, item = _compile(t.key_type), _compile(t.value_type)
+    if key is _check_encodable:
+        key = _check_key
     min_length, max_length = t.min_length, t.max_length
+    # msgspec writes dicts (subclasses too) but no other mapping (mappingproxy, UserDict).
+    cls: type[Any] = dict if isinstance(t, mi.DictType) else Mapping
 
     def check_dict(value: Any) -> None:
-        if not isinstance(value, Mapping):
+        if not isinstance(value, cls):
             raise _wrong_type("a dict", value)
         _check_length(value, min_length, max_length, "items")
         for k, v in value.items():
             try:
-                if key is not None:
-                    key(k)
-                if item is not None:
-                    item(v)
+                key(k)
+                item(v)
             except _Invalid as exc:
                 raise _nested(exc, f"[{_preview(k)}]") from None
 
     return check_dict
 
 
-def _compile_struct(cls: type[msgspec.Struct]) -> _Checker:
-    # Built on first use: a struct may refer to itself, directly or through others.
-    def check_struct(value: Any) -> None:
+def _compile_named_tuple(t: mi.NamedTupleType) -> _Checker:
+    fields = [(field.name, _compile(field.type)) for field in t.fields]
+    cls: type[tuple[Any, ...]] = t.cls
+
+    def check_named_tuple(value: Any) -> None:
+        if not isinstance(value, cls):
+            raise _wrong_type(f"a {cls.__name__}", value)
+        for (name, check), item in zip(fields, value, strict=True):
+            try:
+                check(item)
+            except _Invalid as exc:
+                raise _nested(exc, f".{name}") from None
+
+    return check_named_tuple
+
+
+def _compile_typed_dict(t: mi.TypedDictType) -> _Checker:
+    fields = [(field.name, _compile(field.type), field.required) for field in t.fields]
+    known = frozenset(name for name, _, _ in fields)
+
+    def check_typed_dict(value: Any) -> None:
+        if not isinstance(value, dict):
+            raise _wrong_type("a dict", value)
+        for name, check, required in fields:
+            try:
+                if name in value:
+                    check(value[name])
+                elif required:
+                    raise _wrong_type("a value", None)
+            except _Invalid as exc:
+                raise _nested(exc, f"[{name!r}]") from None
+        if len(value) > len(known) or not known.issuperset(value):
+            # Keys it does not declare are written too (and ignored when decoded).
+            for k, v in value.items():
+                if k not in known:
+                    try:
+                        _check_key(k)
+                        _walk(v)
+                    except _Invalid as exc:
+                        raise _nested(exc, f"[{_preview(k)}]") from None
+
+    return check_typed_dict
+
+
+def _compile_record(cls: type) -> _Checker:
+    """A struct or dataclass: its own class's fields, looked up on first use.
+
+    On first use because a struct may refer to itself, directly or through others; by
+    the value's own class because a subclass may add fields.
+    """
+
+    def check_record(value: Any) -> None:
         if not isinstance(value, cls):
             raise _wrong_type(f"a {cls.__name__}", value)
         checker = _struct_checkers.get(type(value))
         if checker is None:
-            checker = _struct_checker(type(value))
+            checker = _record_checker(type(value))
         checker(value)
 
-    return check_struct
+    return check_record
 
 
-def _struct_checker(cls: type[msgspec.Struct]) -> _Checker:
-    """Types and ``Meta`` constraints of a nested struct (``Check`` rules belong to events)."""
+def _record_checker(cls: type) -> _Checker:
+    """Types and ``Meta`` constraints of a nested struct or dataclass (``Check`` rules
+    belong to events)."""
     with _plan_lock:
         checker = _struct_checkers.get(cls)
         if checker is not None:
             return checker
-        names_and_checks = [(name, check) for name, _, check, _ in _field_plans(cls)]
+        info = mi.type_info(cls)
+        assert isinstance(info, mi.StructType | mi.DataclassType)
+        names_and_checks = [(field.name, _compile(field.type)) for field in info.fields]
+        is_struct = isinstance(info, mi.StructType)
 
         def check_fields(value: Any) -> None:
-            for (name, check), field_value in zip(
-                names_and_checks, msgspec.structs.astuple(value), strict=True
-            ):
-                if check is not None:
-                    try:
-                        check(field_value)
-                    except _Invalid as exc:
-                        raise _nested(exc, f".{name}") from None
+            values = (
+                msgspec.structs.astuple(value)
+                if is_struct
+                else [getattr(value, name, msgspec.UNSET) for name, _ in names_and_checks]
+            )
+            for (name, check), field_value in zip(names_and_checks, values, strict=True):
+                try:
+                    check(field_value)
+                except _Invalid as exc:
+                    raise _nested(exc, f".{name}") from None
 
         _struct_checkers[cls] = check_fields
         return check_fields
+
+
+def _compile_custom(cls: type) -> _Checker:
+    def check_custom(value: Any) -> None:
+        if not isinstance(value, cls):
+            raise _wrong_type(f"a {cls.__name__}", value)
+        _walk(value)
+
+    return check_custom
+
+
+# ------------------------------------------------------------------ Any
+
+# Written as they are, whatever they hold.
+_PLAIN_LEAVES: Final = (UUID, Decimal, date, timedelta, bytes, bytearray, memoryview, msgspec.Raw)
+_ENCODE_ERRORS: Final = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
+
+
+def _check_encodable(value: Any) -> None:
+    """A value of a field typed ``Any`` (or a type msgspec cannot check): it must encode.
+
+    Walks what JSON is made of, so a broken value is named by its path and kind; anything
+    else is handed to the encoder itself.
+    """
+    try:
+        _walk(value)
+    except RecursionError:
+        _fail(ValidationErrorKind.INVALID_VALUE, "is nested too deeply (or holds itself)")
+
+
+def _walk(value: Any) -> None:
+    cls = value.__class__
+    if value is None or cls is bool:
+        return
+    if cls is str:
+        _check_text(value)
+    elif cls is int:
+        _check_int_range(value)
+    elif cls is float:
+        _check_finite(value)
+    elif value is msgspec.UNSET:
+        raise _wrong_type("a value", value)
+    elif isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, int):
+        _check_int_range(value)
+    elif isinstance(value, float):
+        _check_finite(value)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            try:
+                _walk(item)
+            except _Invalid as exc:
+                raise _nested(exc, f"[{index}]") from None
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            try:
+                _check_key(k)
+                _walk(item)
+            except _Invalid as exc:
+                raise _nested(exc, f"[{_preview(k)}]") from None
+    elif isinstance(value, set | frozenset):
+        for item in value:
+            try:
+                _walk(item)
+            except _Invalid as exc:
+                raise _nested(exc, "[*]") from None
+    elif isinstance(value, msgspec.Struct):
+        for name, item in zip(value.__struct_fields__, msgspec.structs.astuple(value), strict=True):
+            _walk_field(name, item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            _walk_field(field.name, getattr(value, field.name, msgspec.UNSET))
+    elif isinstance(value, datetime | dt_time):
+        _check_offset(value)
+    elif not isinstance(value, _PLAIN_LEAVES):
+        _try_encoding(value)
+
+
+def _walk_field(name: str, value: Any) -> None:
+    if value is not msgspec.UNSET:  # msgspec leaves the field out
+        try:
+            _walk(value)
+        except _Invalid as exc:
+            raise _nested(exc, f".{name}") from None
+
+
+def _check_key(key: Any) -> None:
+    """A dict key of a loosely typed dict: msgspec writes only str-like and number-like ones."""
+    _walk(key)
+    if key.__class__ is not str and key.__class__ is not int:
+        _try_encoding({key: None})
+
+
+def _try_encoding(value: Any) -> None:
+    try:
+        _encoder.encode(value)
+    except _ENCODE_ERRORS as exc:
+        _fail(
+            ValidationErrorKind.INVALID_VALUE,
+            f"cannot be encoded as JSON: {_shorten(str(exc))}",
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -904,7 +1193,8 @@ def decode(data: bytes | bytearray | memoryview | str, *, validate: bool = False
     Types and ``Meta`` constraints are checked while decoding. ``validate=True`` also runs
     ``validate()`` (byte lengths, ``Check`` rules, cross-field rules) — for input from
     outside; events read back from our own outbox were validated before they were stored.
-    Anything that is not a valid event raises ``EventDecodeError`` with the cause chained.
+    Anything that is not a valid event raises ``EventDecodeError`` with the cause chained;
+    input it echoes (an unknown tag) is cut to a short prefix, its length noted.
     """
     try:
         event = cast(Event, _current_decoder().decode(data))
@@ -913,10 +1203,15 @@ def decode(data: bytes | bytearray | memoryview | str, *, validate: bool = False
     except MemoryError:
         raise
     except Exception as exc:
-        raise EventDecodeError(f"not a valid encoded event: {exc}") from exc
+        message = str(exc)
+        short = _shorten(message)
+        if short is not message:
+            # The cause is printed with every traceback: a 10 MB tag would be logged whole.
+            exc.args = (short,)
+        raise EventDecodeError(f"not a valid encoded event: {short}") from exc
     if validate:
         try:
             event.validate()
         except EventValidationError as exc:
-            raise EventDecodeError(f"decoded event is invalid: {exc}") from exc
+            raise EventDecodeError(f"decoded event is invalid: {_shorten(str(exc))}") from exc
     return event

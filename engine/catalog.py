@@ -89,7 +89,9 @@ _MimeType = Annotated[str, _text(255, check_mime_type)]
 _Email = Annotated[str, _text(255, check_email)]
 _Currency = Annotated[str, Check(check_currency)]
 _Reason = Annotated[str, Check(partial(check_max_bytes, limit=500))]
-_Count = Annotated[int, Meta(ge=0)]
+# A signed 64-bit column (SQLite, most databases and languages) holds every count.
+_MAX_COUNT = 2**63 - 1
+_Count = Annotated[int, Meta(ge=0, le=_MAX_COUNT)]
 """Quantities, sizes and amounts in minor units."""
 
 

@@ -94,7 +94,7 @@ def check_range(
         else:
             rule = f"<= {le}"
         raise EventValidationError(
-            event_type, field, _Kind.OUT_OF_RANGE, f"must be {rule}, got {value!r}"
+            event_type, field, _Kind.OUT_OF_RANGE, f"must be {rule}, got {_preview(value)}"
         )
 
 

@@ -476,6 +476,60 @@ def test_a_payload_written_with_every_envelope_field_decodes() -> None:
 # affects_index
 
 
+def _int_type(t: mi.Type) -> mi.IntType | None:
+    if isinstance(t, mi.UnionType):  # optional
+        [t] = [member for member in t.types if not isinstance(member, mi.NoneType)]
+    return t if isinstance(t, mi.IntType) else None
+
+
+def _declared_ints(cls: type[Event]) -> dict[str, mi.IntType]:
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    found = {field.name: _int_type(field.type) for field in info.fields}
+    return {name: t for name, t in found.items() if t is not None and name not in ENVELOPE}
+
+
+INT_FIELDS = _fields_of_type("int")
+INT64_MAX = 2**63 - 1
+
+
+def test_the_int_fields_of_the_classes_are_those_of_the_spec() -> None:
+    actual = [(cls, field) for cls in CATALOG for field in _declared_ints(cls)]
+    assert actual == INT_FIELDS
+    assert len(INT_FIELDS) == 8
+
+
+@pytest.mark.parametrize(
+    ("cls", "field"), INT_FIELDS, ids=[f"{c.__name__}-{f}" for c, f in INT_FIELDS]
+)
+def test_every_int_field_declares_the_upper_bound_it_refuses_beyond(
+    cls: type[Event], field: str
+) -> None:
+    declared = _declared_ints(cls)[field]
+    assert (declared.ge, declared.le) == (0, INT64_MAX)
+    changes: dict[str, Any] = {field: INT64_MAX}
+    if cls is catalog.InventoryLow:  # remaining < threshold
+        changes = {"remaining": INT64_MAX - 1, "threshold": INT64_MAX}
+    event = _valid(cls, **changes)
+    event.validate()
+    assert decode(encode(event)) == event
+    for beyond in (INT64_MAX + 1, 10**5000):
+        error = _broken(cls, **{field: beyond})
+        assert (error.field, error.kind) == (field, Kind.OUT_OF_RANGE)
+        assert f"must be <= {INT64_MAX}, got " in error.message
+        assert len(str(error)) < 200
+
+
+def test_a_media_upload_of_a_size_no_encoder_can_write_is_refused_by_validate() -> None:
+    event = catalog.MediaUploaded(media_id=uuid4(), mime_type="image/png", size=10**5000)
+    with pytest.raises(EventValidationError) as caught:
+        event.validate()
+    assert str(caught.value) == (
+        "media.uploaded size: must be <= 9223372036854775807, got <int of 16610 bits>"
+        " (OUT_OF_RANGE)"
+    )
+
+
 def test_affects_index_follows_the_spec() -> None:
     assert {cls.__name__ for cls in INDEX_AFFECTING} == INDEXED
     for cls in CATALOG:
@@ -501,6 +555,8 @@ ANY_VALUE = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(),
+    st.builds(pow, st.just(10), st.sampled_from([19, 20, 5000])),
     st.floats(),
     st.text(max_size=300),
     st.uuids(),

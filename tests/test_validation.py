@@ -131,6 +131,13 @@ def test_range_message_with_an_upper_bound_only() -> None:
         check_range("e", "f", 9, le=1)
 
 
+def test_range_message_of_an_integer_too_long_to_print() -> None:
+    # str() of an int past 4300 digits raises ValueError: the message must not.
+    with pytest.raises(EventValidationError) as caught:
+        check_range("e", "f", 10**5000, le=1)
+    assert caught.value.message == "must be <= 1, got <int of 16610 bits>"
+
+
 @pytest.mark.parametrize("value", ["", "article", "blog-post", "page_2", "A-Z_0-9"])
 def test_identifier_accepts_letters_digits_dash_underscore(value: str) -> None:
     assert _kind_of(check_identifier, value) is None
