@@ -22,7 +22,10 @@ holding back ``prune``; were it registered again, it would start over from the
 oldest retained event.
 
 Errors are one line on stderr (``error: ...``) with exit status 1; bad arguments
-exit with status 2.
+exit with status 2. Text from the database or the filesystem (names, paths, errors,
+tracebacks) is printed with control characters escaped (``\\x1b``, ``\\r``, ``\\n``...): a
+handler's error cannot move the cursor, recolour or clear the operator's terminal, nor
+split one line into two. Only ``show`` keeps the line breaks of an error and traceback.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import msgspec
 
@@ -50,6 +53,12 @@ _MAX_INTEGER = 2**63 - 1
 
 class CliError(Exception):
     """A failure reported as one ``error: ...`` line and exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # "unrecognized arguments" echoes the command line as it came.
+        super().error(_safe(message))
 
 
 # ---------------------------------------------------------------- database
@@ -111,9 +120,44 @@ def _transaction(path: str) -> Iterator[sqlite3.Connection]:
 
 # ----------------------------------------------------------------- output
 
+# What a terminal acts on rather than shows: C0 and C1 controls (ESC starts colour and
+# cursor sequences, \r returns to the start of the line), DEL, the bidirectional
+# overrides and isolates (they make text read otherwise than it is) and the Unicode line
+# and paragraph separators.
+_UNSAFE: Final = (
+    *range(0x20),
+    *range(0x7F, 0xA0),
+    0x061C,
+    0x200E,
+    0x200F,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+    0x2028,
+    0x2029,
+)
+_NAMED: Final = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+_ESCAPES: Final = {
+    code: _NAMED.get(code, f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+    for code in _UNSAFE
+}
+_ESCAPES_BUT_NEWLINES: Final = {code: text for code, text in _ESCAPES.items() if code != 0x0A}
+# msgspec writes C0 controls in JSON strings as \u00XX but the rest as they are; they can
+# occur only inside strings, where an escape means the same character.
+_JSON_ESCAPES: Final = {code: f"\\u{code:04x}" for code in _UNSAFE if code >= 0x7F}
+
+
+def _safe(value: object) -> str:
+    """``value`` as one line of text, every control character escaped."""
+    return str(value).translate(_ESCAPES)
+
+
+def _safe_lines(text: str) -> str:
+    """``text`` with its line breaks kept and every other control character escaped."""
+    return text.translate(_ESCAPES_BUT_NEWLINES)
+
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [list(headers), *([str(cell) for cell in row] for row in rows)]
+    cells = [list(headers), *([_safe(cell) for cell in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -122,7 +166,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 def _json(value: Any) -> None:
     # A dead letter's message may hold what JSON cannot: shown as its repr.
-    print(msgspec.json.encode(value, enc_hook=repr).decode())
+    print(msgspec.json.encode(value, enc_hook=repr).decode().translate(_JSON_ESCAPES))
 
 
 def _first_line(text: str | None) -> str:
@@ -143,7 +187,7 @@ def _status(args: argparse.Namespace) -> None:
         _json(status)
         return
     first = "-" if status.first_seq is None else status.first_seq
-    print(f"database        {args.path}")
+    print(f"database        {_safe(args.path)}")
     print(f"schema version  {status.schema_version}")
     print(f"outbox          {status.events} events, first seq {first}, head {status.head}")
     print()
@@ -210,17 +254,17 @@ def _show(args: argparse.Namespace) -> None:
         _json(letter)
         return
     print(f"id          {letter.id}")
-    print(f"subscriber  {letter.actor}")
-    print(f"reason      {letter.reason}")
+    print(f"subscriber  {_safe(letter.actor)}")
+    print(f"reason      {_safe(letter.reason)}")
     print(f"attempts    {letter.attempts}")
     print(f"at          {_when(letter)}")
     print(f"seq         {'-' if letter.seq is None else letter.seq}")
-    error = (letter.error or "-").replace("\n", "\n            ")
+    error = _safe_lines(letter.error or "-").replace("\n", "\n            ")
     print(f"error       {error}")
-    print(f"message     {letter.message!r}")
+    print(f"message     {_safe(repr(letter.message))}")
     if letter.traceback:
         print()
-        print(letter.traceback.rstrip())
+        print(_safe_lines(letter.traceback.rstrip()))
 
 
 def _replay(args: argparse.Namespace) -> None:
@@ -228,8 +272,8 @@ def _replay(args: argparse.Namespace) -> None:
         letter = _get(conn, args.id)
         conn.execute("UPDATE dead_letters SET replay_requested = 1 WHERE id = ?", (args.id,))
     print(
-        f"dead letter {letter.id} for {letter.actor!r} marked for replay: a running engine on "
-        "this database redelivers it within about a second (or the next one to start)"
+        f"dead letter {letter.id} for {_safe(repr(letter.actor))} marked for replay: a running "
+        "engine on this database redelivers it within about a second (or the next one to start)"
     )
 
 
@@ -252,8 +296,8 @@ def _forget(args: argparse.Namespace) -> None:
         if not deleted:
             raise CliError(f"no subscription named {args.name!r} is tracked in {args.path}")
     print(
-        f"forgot subscription {args.name!r} ({deleted} partition positions); if an engine "
-        "still runs it, its next checkpoint stores them again"
+        f"forgot subscription {_safe(repr(args.name))} ({deleted} partition positions); if an "
+        "engine still runs it, its next checkpoint stores them again"
     )
 
 
@@ -301,7 +345,7 @@ def _limit(text: str) -> int:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m engine", description="Inspect and maintain an actorbus database."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -348,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _prune(args)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_safe(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
-        print(f"error: {args.path}: {exc}", file=sys.stderr)
+        print(f"error: {_safe(args.path)}: {_safe(exc)}", file=sys.stderr)
         return 1
     return 0

@@ -589,3 +589,164 @@ def test_forget_of_an_unknown_subscription_fails(
     assert err == f"error: no subscription named 'nobody' is tracked in {db}\n"
     assert len(query(db, "SELECT * FROM tracking")) == 3
     usage_error(capsys, "forget", db)
+
+
+# ------------------------------------------- text from the database or the disk
+
+# What a handler's error, a subscriber name or a file name may hold to take over the
+# operator's terminal: colour, a carriage return that overwrites the line, "erase line",
+# C1 CSI (0x9b), DEL, a right-to-left override, a NUL.
+HOSTILE_ERROR = "ValueError: \x1b[31mred\x1b[0m\rspoofed \x1b[2K\x9b31m \x7f\u202eevil\x00\nline 2"
+HOSTILE_NAME = "orders\x1b]0;title\x07\r\u2028x"
+UNSAFE = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x202E, 0x2028]}
+
+
+def controls(text: str, *, keep_newlines: bool = True) -> set[str]:
+    return {c for c in text if c in UNSAFE and not (keep_newlines and c == "\n")}
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> str:
+    path = new_db(tmp_path)
+    add_letter(
+        path,
+        letter(
+            1,
+            HOSTILE_NAME,
+            message="payload \x1b[0m\r",
+            reason="failed",
+            error=HOSTILE_ERROR,
+            traceback=(
+                "Traceback (most recent call last):\n  \x1b[31mFile x\r\nValueError: \x1b[0m\n"
+            ),
+            attempts=3,
+            at=AT,
+        ),
+    )
+    track(path, HOSTILE_NAME, [0])
+    return path
+
+
+def test_list_escapes_control_characters_and_keeps_one_line_per_letter(
+    hostile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "dead-letters", hostile)
+    assert (code, err) == (0, "")
+    assert controls(out) == set()
+    _, row = out.splitlines()
+    assert row.split()[:3] == ["1", "orders\\x1b]0;title\\x07\\r\\u2028x", "failed"]
+    # The first line of the error, as written, with every control character visible.
+    assert row.endswith(
+        "ValueError: \\x1b[31mred\\x1b[0m\\rspoofed \\x1b[2K\\x9b31m \\x7f\\u202eevil\\x00"
+    )
+
+
+def test_show_escapes_control_characters_but_keeps_the_lines_of_error_and_traceback(
+    hostile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "dead-letters", hostile, "show", "1")
+    assert (code, err) == (0, "")
+    assert controls(out) == set()
+    lines = out.splitlines()
+    assert "subscriber  orders\\x1b]0;title\\x07\\r\\u2028x" in lines
+    assert (
+        "error       ValueError: \\x1b[31mred\\x1b[0m\\rspoofed \\x1b[2K\\x9b31m"
+        " \\x7f\\u202eevil\\x00"
+    ) in lines
+    assert "            line 2" in lines
+    assert "message     'payload \\x1b[0m\\r'" in lines
+    assert lines[-3:] == [
+        "Traceback (most recent call last):",
+        "  \\x1b[31mFile x\\r",
+        "ValueError: \\x1b[0m",
+    ]
+
+
+@pytest.mark.parametrize("action", [["list"], ["show", "1"]], ids=" ".join)
+def test_json_escapes_every_control_character_and_keeps_the_text(
+    hostile: str, capsys: pytest.CaptureFixture[str], action: list[str]
+) -> None:
+    code, out, err = run(capsys, "dead-letters", hostile, *action, "--json")
+    assert (code, err) == (0, "")
+    assert controls(out, keep_newlines=False) == {"\n"}
+    assert out.count("\n") == 1  # the one print() ends
+    data = json.loads(out)
+    shown = data[0] if isinstance(data, list) else data
+    assert (shown["actor"], shown["error"]) == (HOSTILE_NAME, HOSTILE_ERROR)
+    assert shown["message"] == "payload \x1b[0m\r"
+
+
+def test_status_escapes_subscriber_names_and_the_path(
+    tmp_path: Path, hostile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / "shop\x1b[31m\nred.db"
+    Path(hostile).rename(odd)
+    code, out, err = run(capsys, "status", str(odd))
+    assert (code, err) == (0, "")
+    assert controls(out) == set()
+    lines = out.splitlines()
+    assert f"database        {tmp_path}/shop\\x1b[31m\\nred.db" in lines
+    assert ["orders\\x1b]0;title\\x07\\r\\u2028x", "subscription", "1", "0", "0", "1"] in [
+        line.split() for line in lines
+    ]
+
+
+def test_an_error_naming_a_path_with_a_newline_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = failed(capsys, "status", "a\nb.db")
+    assert err == "error: no database at a\\nb.db\n"
+    odd = tmp_path / "not\x1b[2Ja database\n.db"
+    odd.write_bytes(b"plain text, not SQLite\n" * 50)
+    err = failed(capsys, "dead-letters", str(odd))
+    assert err.startswith(f"error: cannot read {tmp_path}/not\\x1b[2Ja database\\n.db as an ")
+    assert controls(err) == set()
+
+
+def test_an_sqlite_error_naming_a_hostile_path_is_one_line(
+    tmp_path: Path, hostile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / "app\r\n.db"
+    Path(hostile).rename(odd)
+    with closing(sqlite3.connect(odd)) as conn:
+        conn.execute("ALTER TABLE dead_letters DROP COLUMN replay_requested")
+        conn.commit()
+    err = failed(capsys, "dead-letters", str(odd), "replay", "1")
+    assert err == f"error: {tmp_path}/app\\r\\n.db: no such column: replay_requested\n"
+
+
+def test_forget_and_usage_errors_escape_what_they_echo(
+    hostile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = failed(capsys, "forget", hostile, "gone\x1b[31m\n")
+    assert err == f"error: no subscription named 'gone\\x1b[31m\\n' is tracked in {hostile}\n"
+    code, out, err = run(capsys, "forget", hostile, HOSTILE_NAME)
+    assert (code, err) == (0, "")
+    assert out.startswith("forgot subscription 'orders\\x1b]0;title\\x07\\r\\u2028x' (1 ")
+    err = usage_error(capsys, "status", hostile, "--colour=\x1b[31m\r")
+    assert "unrecognized arguments: --colour=\\x1b[31m\\r" in err
+    assert controls(err) == set()
+
+
+def test_a_real_process_prints_no_control_characters(hostile: str, tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "engine", *args],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+    listed = cli("dead-letters", hostile)
+    assert (listed.returncode, listed.stderr) == (0, b"")
+    assert b"\x1b" not in listed.stdout
+    assert b"\r" not in listed.stdout
+    assert b"\xc2\x9b" not in listed.stdout  # U+009B in UTF-8
+    assert b"\\x1b[31mred" in listed.stdout
+    assert listed.stdout.count(b"\n") == 2
+
+    missing = cli("status", str(tmp_path / "a\nb.db"))
+    assert missing.returncode == 1
+    assert missing.stdout == b""
+    assert missing.stderr == f"error: no database at {tmp_path}/a\\nb.db\n".encode()
