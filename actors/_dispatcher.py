@@ -6,6 +6,7 @@ import inspect
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -95,13 +96,17 @@ class Delivery(Tracked):
         self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
     ) -> None:
         engine = cell.engine
+        # This holder's shares of the slot: one, or (the dispatcher stopped
+        # while handing it on) one per subscription still without it.
+        stopped_routing = self.routed and cell is engine._dispatcher
+        shares = len(self.undelivered) if stopped_routing else 1
         if reason == "shutdown" and self.seq is not None:
             # A durable event cut short by shutdown stays in the outbox and its
             # subscribers' positions stay before it: the next run delivers it.
-            self.remaining = 1
-            self.done()
+            # Only this holder's shares go back: the others give back their own.
+            for _ in range(shares):
+                self.done()
             return
-        shares = 1
         if not self.routed:
             # Still in the dispatcher's mailbox (one share): each subscription
             # it was bound for records it under its own name.
@@ -109,21 +114,33 @@ class Delivery(Tracked):
                 names = [self.subscription.name]
             else:
                 names = [s.name for s in engine._router.route(type(self.event))]
-        elif cell is engine._dispatcher:
-            # Stopped while handing it on: one share per subscription still without it.
+        elif stopped_routing:
             names = [s.name for s in self.undelivered]
-            shares = len(names)
         else:
             names = [cell.dead_letter_name]
+        track = cell.track
+        seq = self.seq
+        waiting = len(names)
+
+        def recorded() -> None:
+            # With a database, after the rows committed: a durable position
+            # never passes an event whose dead letter is not stored.
+            nonlocal waiting
+            waiting -= 1
+            if waiting > 0:
+                return
+            if track is not None and seq is not None:
+                track.finish(seq)
+            for _ in range(shares):
+                self.done()
+
+        if not names:
+            waiting = 1
+            recorded()
         for name in names:
             engine.dead_letters.add(
-                name, self.event, reason, error=error, attempts=attempts, seq=self.seq
+                name, self.event, reason, error=error, attempts=attempts, seq=seq, then=recorded
             )
-        track = cell.track
-        if track is not None and self.seq is not None:
-            track.finish(self.seq)
-        for _ in range(shares):
-            self.done()
 
 
 class Subscription:
@@ -217,17 +234,21 @@ class Subscription:
         error: Exception,
         cell: Cell | None = None,
     ) -> None:
-        """Dead-letter ``delivery`` for this subscription and give back its share."""
-        if reason == "shutdown" and delivery.seq is not None:
+        """Dead-letter ``delivery`` for this subscription and give back its share
+        (with a database once the dead letter is stored)."""
+        seq = delivery.seq
+        if reason == "shutdown" and seq is not None:
             delivery.done()  # durable: the next run delivers it (see Delivery.dead_letter)
             return
+        if cell is None and seq is not None and self.cells and self.cells[0].track is not None:
+            # No partition took it (its key failed): the first one holds its
+            # position before the event until the dead letter is stored.
+            cell = self.cells[0]
+            cell.track.sent(seq)
+        finish = delivery.done if cell is None else partial(delivery.finish, cell)
         self.engine.dead_letters.add(
-            self.name, delivery.event, reason, error=error, seq=delivery.seq
+            self.name, delivery.event, reason, error=error, seq=seq, then=finish
         )
-        if cell is not None:
-            delivery.finish(cell)
-        else:
-            delivery.done()
 
 
 class SubscriptionRef:

@@ -694,6 +694,10 @@ class Store:
         """
         waiting: list[Request] = []
         delay = RETRY_INITIAL
+        # After a fault the next attempts take fewer requests (halved each
+        # time): a batch too big for what is left of a full disk never stops
+        # the ones that fit.
+        limit = math.inf
         try:
             while True:
                 if not waiting and not self._closing:
@@ -702,34 +706,33 @@ class Store:
                 if self._queue:
                     waiting.extend(self._queue)
                     self._queue = []
-                live: list[Request] = []
-                for request in waiting:
-                    if request.cancelled:
-                        self._done(request)
-                    else:
-                        live.append(request)
-                waiting = live
+                withdrawn = [r for r in waiting if r.cancelled]
+                if withdrawn:
+                    waiting = [r for r in waiting if not r.cancelled]
+                    self._finish(withdrawn)
                 if not waiting:
                     if self._closing:
                         return
                     continue
-                for request in waiting:
+                batch = waiting if len(waiting) <= limit else waiting[: int(limit)]
+                for request in batch:
                     request.taken = True
                 # Not cancellable: the thread runs to the end of its COMMIT.
                 with anyio.CancelScope(shield=True):
                     fault = await anyio.to_thread.run_sync(
-                        self._write_batch, waiting, limiter=self._write_limiter
+                        self._write_batch, batch, limiter=self._write_limiter
                     )
-                finished = [r for r in waiting if r.finished]
+                self._finish([r for r in batch if r.finished])
                 waiting = [r for r in waiting if not r.finished]
-                self._finish(finished)
                 if fault is None:
                     self._health.recovered()
                     delay = RETRY_INITIAL
+                    limit = math.inf
                     continue
+                limit = max(1, len(batch) // 2)
                 self._health.fault(fault, len(waiting) + len(self._queue))
                 now = anyio.current_time()
-                for request in waiting:
+                for request in batch:
                     request.taken = False  # rolled back: a caller may still withdraw it
                 expired = [r for r in waiting if r.deadline is not None and r.deadline <= now]
                 if expired:
@@ -848,8 +851,10 @@ class Store:
         try:
             await waiter.wait()
         except BaseException:
+            # Withdrawn: never taken again. If the writer holds it now, its
+            # COMMIT (or the fault that rolls it back) is waited for.
+            request.cancelled = True
             if not request.taken:
-                request.cancelled = True
                 self._wakeup.set()
             else:
                 with anyio.CancelScope(shield=True):
