@@ -405,7 +405,10 @@ class Cell:
         try:
             try:
                 await self._start_instance(instance, None)
-            except Exception as exc:
+            except BaseException as caught:
+                exc = as_failure(caught)
+                if exc is None:
+                    raise
                 if task_status is not anyio.TASK_STATUS_IGNORED:
                     task_status.started(exc)
                     return
@@ -440,7 +443,10 @@ class Cell:
                 self.restarts += 1
                 try:
                     await self._start_instance(self.factory(), argument)
-                except Exception as exc:
+                except BaseException as caught:
+                    exc = as_failure(caught)
+                    if exc is None:
+                        raise
                     outcome = Outcome(OutcomeKind.CRASH, exc)
                     logger.warning(
                         "actor %r failed to restart: %r", self.name, exc, extra={"actor": self.name}
@@ -472,7 +478,9 @@ class Cell:
             return
         try:
             await instance.on_stop()
-        except Exception:
+        except BaseException as caught:
+            if as_failure(caught) is None:
+                raise
             logger.exception("on_stop of actor %r raised", self.name, extra={"actor": self.name})
 
     async def _message_loop(self) -> Outcome:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import anyio
 import msgspec
 
+from ._cancel import is_stray_cancellation
 from ._errors import EngineError
 
 if TYPE_CHECKING:
@@ -317,10 +318,13 @@ class CircuitBreaker:
         raise CircuitOpenError(self.name, retry_after)
 
     def _outcome(self, generation: Generation, error: BaseException) -> None:
-        if isinstance(error, anyio.get_cancelled_exc_class()):
-            return  # the caller gave up: not the dependency's fault
         config = self.config
-        if not isinstance(error, _CallTimedOut) and (
+        if not isinstance(error, Exception):
+            if not is_stray_cancellation(error):
+                return  # the caller gave up (or an interrupt): not the dependency's fault
+            # A CancelledError nothing of the caller's explains came from the
+            # dependency (a pool cancelling its future): a failure, like a timeout.
+        elif not isinstance(error, _CallTimedOut) and (
             not isinstance(error, config.record) or isinstance(error, config.ignore)
         ):
             return

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from ._errors import EngineError
+
 if TYPE_CHECKING:
     from ._store import Store
 
@@ -222,12 +224,24 @@ class DeadLetters:
             if then is not None:
                 then()
 
-        store.submit(
-            Request(
-                lambda tx: write_row(tx.conn, pending, event_type), written, kind="dead letters"
-            ),
-            bounded=False,
-        )
+        try:
+            store.submit(
+                Request(
+                    lambda tx: write_row(tx.conn, pending, event_type),
+                    written,
+                    kind="dead letters",
+                ),
+                bounded=False,
+            )
+        except EngineError as exc:  # an actor stopping after the database closed
+            logger.error(
+                "dead letter for %r (%s%s) could not be stored: %s",
+                actor,
+                reason,
+                f", {pending.error}" if pending.error else "",
+                exc,
+                extra={"actor": actor, "reason": reason},
+            )
 
     def _remember(self, letter: DeadLetter) -> None:
         self.total += 1

@@ -477,3 +477,71 @@ class TestBackoffOnTheVirtualClock:
         assert 0.018 <= at[2] - at[1] <= 0.022
         [letter] = engine.dead_letters.list()
         assert_stray_letter(letter)
+
+
+# ------------------------------------------------------ lifecycle hooks, breaker
+
+
+class StraysInHooks(Actor):
+    """Strays in ``on_start`` (when told to) and always in ``on_stop``."""
+
+    def __init__(self, starts: list[int], strays: bool) -> None:
+        self.starts = starts
+        self.strays = strays
+
+    async def on_start(self) -> None:
+        self.starts.append(1)
+        if self.strays:
+            await stray_cancel()
+
+    async def on_stop(self) -> None:
+        await stray_cancel()
+
+    async def receive(self, message: Any) -> Any:
+        if message == "crash":
+            raise ValueError("restart me")
+        return message
+
+
+async def test_a_stray_cancel_in_a_first_on_start_is_raised_from_spawn_as_a_typed_error() -> None:
+    starts: list[int] = []
+    async with Engine() as engine:
+        with pytest.raises(StrayCancellation):
+            await engine.spawn(lambda: StraysInHooks(starts, strays=True), name="hooks")
+        await assert_alive(engine)
+
+
+async def test_a_stray_cancel_in_on_stop_or_a_restarts_on_start_leaves_the_engine_running() -> None:
+    starts: list[int] = []
+    # The second instance (the first restart) strays in on_start: a crash, restarted again.
+    async with Engine() as engine:
+        ref = await engine.spawn(
+            lambda: StraysInHooks(starts, len(starts) == 1), name="hooks", max_attempts=1
+        )
+        await ref.tell("crash")  # on_stop strays too: logged, never raised
+        assert await ref.ask("still here") == "still here"
+        assert len(starts) == 3
+        assert ref.statistics().restarts == 2
+        assert ref.statistics().state is ActorState.RUNNING
+        await assert_alive(engine)
+
+
+async def test_a_stray_cancel_from_a_dependency_counts_as_a_breaker_failure() -> None:
+    from engine import CircuitBreakerConfig, CircuitOpenError, CircuitState
+
+    calls: list[int] = []
+
+    async def dependency() -> None:
+        calls.append(1)
+        await stray_cancel()
+
+    async with Engine() as engine:
+        breaker = engine.breaker("pool", CircuitBreakerConfig(failure_threshold=2))
+        for _ in range(2):
+            with pytest.raises(asyncio.CancelledError):
+                await breaker.call(dependency)
+        assert breaker.state is CircuitState.OPEN
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(dependency)
+        assert len(calls) == 2
+        assert breaker.metrics().failures == 2
