@@ -607,23 +607,25 @@ class Store:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise StorageError(f"cannot open database {path!r}: no directory {directory!r}")
-        if self._lock is None:
-            # Before anything is read or changed: one engine per database file.
-            try:
-                self._lock = EngineLock.acquire(path)
-            except EngineLockHeld as held:
-                raise StorageError(
-                    f"database {path!r} is in use by another engine ({held.holder}); "
-                    "one engine runs on a database file at a time"
-                ) from None
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot open database {path!r}: cannot create its lock file "
-                    f"{lock_path(path)!r} ({exc})"
-                ) from exc
         writer = reader = None
         try:
+            # A look first (read-only): another application's file is refused
+            # before anything, the lock file beside it included, is created.
             check_database(path)
+            if self._lock is None:
+                # Before anything changes: one engine per database file.
+                try:
+                    self._lock = EngineLock.acquire(path)
+                except EngineLockHeld as held:
+                    raise StorageError(
+                        f"database {path!r} is in use by another engine ({held.holder}); "
+                        "one engine runs on a database file at a time"
+                    ) from None
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot open database {path!r}: cannot create its lock file "
+                        f"{lock_path(path)!r} ({exc})"
+                    ) from exc
             writer = connect(path, durability=self.durability, timeout=BUSY_TIMEOUT)
             ensure_schema(writer, begin=self._begin, commit=self._commit, rollback=self._rollback)
             # A write now, not at the first commit: a read-only file is refused

@@ -440,6 +440,10 @@ async def test_a_purge_beside_the_engine_shows_in_its_count_list_and_replay(
 # ---------------------------------------------------------- what is opened
 
 
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -463,7 +467,7 @@ async def test_another_applications_database_is_refused_and_left_unchanged(
             pass
     assert digest(path) == before
     assert query(str(path), "PRAGMA journal_mode") == [("delete",)]
-    assert not (tmp_path / "theirs.db-wal").exists()
+    assert listing(tmp_path) == ["theirs.db"]  # no -wal, no lock file
 
 
 async def test_a_database_with_a_table_named_like_the_engines_is_refused(tmp_path: Path) -> None:
