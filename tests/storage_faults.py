@@ -108,14 +108,18 @@ class Child:
 
 
 @contextlib.contextmanager
-def lock_held(path: str) -> Iterator[Child]:
-    """Another process holds ``BEGIN EXCLUSIVE`` on ``path`` until ``child.tell()``."""
-    child = Child(_HOLDER, path)
+def _running(script: str, path: str, ready: str) -> Iterator[Child]:
+    child = Child(script, path)
     try:
-        child.expect("locked")
+        child.expect(ready)
         yield child
     finally:
         child.close()
+
+
+def lock_held(path: str) -> contextlib.AbstractContextManager[Child]:
+    """Another process holds ``BEGIN EXCLUSIVE`` on ``path`` until ``release(child)``."""
+    return _running(_HOLDER, path, "locked")
 
 
 def release(child: Child) -> None:
@@ -123,15 +127,9 @@ def release(child: Child) -> None:
     child.expect("released")
 
 
-@contextlib.contextmanager
-def engine_process(path: str) -> Iterator[Child]:
+def engine_process(path: str) -> contextlib.AbstractContextManager[Child]:
     """Another process runs an engine on ``path`` until ``child.tell()`` or a kill."""
-    child = Child(_ENGINE, path)
-    try:
-        child.expect("ready")
-        yield child
-    finally:
-        child.close()
+    return _running(_ENGINE, path, "ready")
 
 
 class SmallDisk:
