@@ -844,12 +844,22 @@ class Store:
         await anyio.lowlevel.checkpoint_if_cancelled()
         request = Request(fn, kind=kind)
         request.waiter = waiter = anyio.Event()
-        if not background:
-            request.deadline = anyio.current_time() + self.timeout
-        while not self.submit(request):
-            if self._space is None:
-                self._space = anyio.Event()
-            await self._space.wait()
+        deadline = math.inf if background else anyio.current_time() + self.timeout
+        request.deadline = None if background else deadline
+        submitted = self.submit(request)
+        if not submitted:
+            # max_pending writes wait (an outage holds them back): room, or the deadline.
+            with anyio.move_on_at(deadline):
+                while not submitted:
+                    if self._space is None:
+                        self._space = anyio.Event()
+                    await self._space.wait()
+                    submitted = self.submit(request)
+            if not submitted:
+                raise StorageError(
+                    f"the database {self.path!r} did not take this write within {self.timeout} s: "
+                    f"{self._pending} writes wait for it ({self._health.last_error or 'busy'})"
+                )
         try:
             await waiter.wait()
         except BaseException:

@@ -24,7 +24,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from engine import Engine, Event, StorageError, Transaction
+from engine import (
+    BackpressureConfig,
+    BackpressureError,
+    Engine,
+    Event,
+    StorageError,
+    Transaction,
+)
 from engine._cli import main as cli
 from tests.storage_faults import SmallDisk, engine_process, lock_held, release
 
@@ -234,6 +241,24 @@ async def test_awaited_calls_raise_storage_error_after_storage_timeout_and_leave
             release(holder)
         await engine.transact(lambda tx: tx.publish(Item(n=3)))
     assert [row[0] for row in query(path, "SELECT count(*) FROM outbox")] == [1]
+
+
+async def test_writes_waiting_on_an_outage_are_bounded_and_an_awaited_call_gives_up(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "app.db")
+    config = BackpressureConfig(max_depth=10)
+    async with Engine(path, backpressure=config, storage_timeout=0.1) as engine:
+        with lock_held(path) as holder:
+            for n in range(10):
+                engine.try_publish(Item(n=n))
+            with pytest.raises(BackpressureError, match="10 writes waiting"):
+                engine.try_publish(Item(n=10))
+            with pytest.raises(StorageError, match="did not take this write"):
+                await engine.transact(lambda tx: tx.publish(Item(n=11)))
+            release(holder)
+        await until(lambda: engine.metrics().outbox_head == 10, "the ten waiting commit")
+    assert query(path, "SELECT count(*) FROM outbox") == [(10,)]
 
 
 async def test_a_cancelled_call_held_back_by_an_outage_never_runs(tmp_path: Path) -> None:
