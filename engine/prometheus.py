@@ -87,6 +87,27 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(n("events_accepted"), "Events accepted", value=bp.accepted)
         yield CounterMetricFamily(n("events_rejected"), "Events refused", value=bp.rejected)
 
+        storage = m.storage
+        if storage is not None:
+            yield GaugeMetricFamily(
+                n("storage_available"),
+                "1 while the database takes writes, 0 during an outage",
+                value=int(storage.available),
+            )
+            yield CounterMetricFamily(
+                n("storage_outages"), "Times the database became unwritable", value=storage.outages
+            )
+            yield CounterMetricFamily(
+                n("storage_retries"),
+                "Attempts retried after a storage fault",
+                value=storage.retries,
+            )
+            yield GaugeMetricFamily(
+                n("storage_pending_writes"),
+                "Writes waiting for a commit",
+                value=storage.pending_writes,
+            )
+
         yield GaugeMetricFamily(n("outbox_head"), "Last committed outbox seq", value=m.outbox_head)
         lag = GaugeMetricFamily(n("subscription_lag"), "Outbox events behind", labels=["name"])
         for name, value in m.lag.items():

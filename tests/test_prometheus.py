@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import msgspec
@@ -106,3 +106,23 @@ async def test_the_default_registry_is_used_without_one() -> None:
             assert b"actorbus_default_test_in_flight" in generate_latest(REGISTRY)
         finally:
             REGISTRY.unregister(collector)
+
+
+async def test_a_scrape_shows_the_databases_health(tmp_path: Any) -> None:
+    registry = CollectorRegistry()
+    async with Engine(str(tmp_path / "app.db")) as engine:
+        register(engine, registry)
+        await engine.transact(lambda tx: tx.publish(Scraped(n=1, name="x")))
+        samples = scrape(registry)
+    assert samples["actorbus_storage_available"] == 1
+    assert samples["actorbus_storage_outages_total"] == 0
+    assert samples["actorbus_storage_retries_total"] == 0
+    assert samples["actorbus_storage_pending_writes"] == 0
+    assert samples["actorbus_outbox_head"] == 1
+
+
+async def test_a_scrape_without_a_database_has_no_storage_metrics() -> None:
+    registry = CollectorRegistry()
+    async with Engine() as engine:
+        register(engine, registry)
+        assert not any(key.startswith("actorbus_storage") for key in scrape(registry))
