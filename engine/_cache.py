@@ -294,7 +294,10 @@ def _redact(url: str) -> str:
         return url
     userinfo, _, hostinfo = parsed.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
-    return parsed._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+    netloc = f"{user}:***@{hostinfo}"
+    return urllib.parse.urlunsplit(
+        (parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment)
+    )
 
 
 def _check_url(url: object) -> str:

@@ -3,7 +3,7 @@
 msgspec checks types and ``Meta`` constraints only while decoding, and an event built in
 Python is published without ever being decoded. So ``Event.validate()`` repeats those
 checks on the instance, adds each field's ``Check`` rules and the nil-UUID rule, then the
-class's cross-field ``_check``; the per-class validator is generated once, on first use.
+class's cross-field ``cross_check``; the per-class validator is generated once, on first use.
 What validates encodes: ``validate()`` also refuses every value the encoder cannot write
 faithfully (an int beyond 64 bits, NaN, a lone surrogate, a UTC offset with seconds, an
 object JSON has no form for), so ``publish`` never meets an encoding error later.
@@ -259,10 +259,27 @@ class _EventMeta(msgspec.StructMeta):
         # field could not follow an optional one.
         kwargs.setdefault("kw_only", True)
         cls = super().__new__(mcls, name, bases, namespace, **kwargs)
+        _refuse_shadowing_fields(cls)
         type.__setattr__(cls, "__event_abstract__", abstract)
         if not abstract:
             _register(cast("type[Event]", cls), explicit_tag="tag" in kwargs)
         return cls
+
+
+# The methods validate() relies on. A field is a slot on the class, so a field with one
+# of these names would replace the method and make validate() call the field's value.
+_METHOD_NAMES: Final = ("validate", "cross_check", "_check")
+
+
+def _refuse_shadowing_fields(cls: type) -> None:
+    fields = cast("type[msgspec.Struct]", cls).__struct_fields__
+    for name in _METHOD_NAMES:
+        if name in fields:
+            raise TypeError(
+                f"{cls.__qualname__}: an event field may not be named {name!r}, since it would"
+                f" hide the method Event.{name}; pick another name (msgspec.field(name=...)"
+                " keeps the encoded name)"
+            )
 
 
 _registry_lock = threading.Lock()
@@ -364,7 +381,9 @@ class Event(
     Fields are checked by ``validate()``: declared types, ``msgspec.Meta`` constraints,
     the rules of each field's ``Check`` metadata, every UUID is not the nil UUID, every
     value can be encoded (integers within 64 bits, ``OUT_OF_RANGE``), then the cross-field
-    rules of ``_check``. A class msgspec could not decode is refused when it is defined.
+    rules of ``cross_check``. A class msgspec could not decode is refused when it is
+    defined, and so is a field named after a method of ``Event`` (``validate``,
+    ``cross_check``, ``_check``).
     """
 
     __event_abstract__: ClassVar[bool]
@@ -388,11 +407,22 @@ class Event(
             validator = _validator_for(self.__class__)
         validator(self)
 
-    def _check(self) -> None:
-        """Cross-field rules: override, call ``super()._check()``, raise ``EventValidationError``.
+    def cross_check(self) -> None:
+        """Cross-field rules: override, call ``super().cross_check()``, raise
+        ``EventValidationError``.
 
-        Runs after every field passed its own checks, so it may rely on their types.
+        ``validate()`` runs it after every field passed its own checks, so it may rely on
+        their types. Call ``validate()``, not this, to check an event.
         """
+
+    def _check(self) -> None:
+        """The former spelling of ``cross_check``, still honoured: override ``cross_check``.
+
+        A class overriding ``_check`` (and calling ``super()._check()``) is validated as
+        before, bases' rules first, its own next: this default runs the ``cross_check``
+        chain, where the rules of bases written in the new spelling live.
+        """
+        self.cross_check()
 
 
 # ---------------------------------------------------------------------------
@@ -481,13 +511,32 @@ def _generate_validator(cls: type[Event]) -> Callable[[Any], None]:
             for number, rule in enumerate(rules):
                 namespace[f"r{index}_{number}"] = rule
                 lines.append(f"        r{index}_{number}(T, {name!r}, v)")
-    if cls._check is not Event._check:
-        lines.append("    self._check()")
+    hook = _cross_check_hook(cls)
+    if hook is not None:
+        lines.append(f"    self.{hook}()")
     lines.append("    return None")
     exec("\n".join(lines), namespace)
     validator: Callable[[Any], None] = namespace["validate"]
     validator.__qualname__ = f"{cls.__qualname__}.validate"
     return validator
+
+
+def _cross_check_hook(cls: type[Event]) -> str | None:
+    """The method ``validate()`` calls for cross-field rules, or None when no class below
+    ``Event`` defines any (most events: their validator skips the call altogether).
+
+    ``_check`` when some class still uses the former spelling: its override calls
+    ``super()._check()``, which reaches ``Event._check`` and so the ``cross_check`` chain.
+    """
+    hook = None
+    for klass in cls.__mro__:
+        if klass is Event:
+            break
+        if "_check" in vars(klass):
+            return "_check"
+        if "cross_check" in vars(klass):
+            hook = "cross_check"
+    return hook
 
 
 def _reporting(event_type: str, field: str, checker: _Checker) -> _Checker:

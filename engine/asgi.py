@@ -323,14 +323,14 @@ class TenantMiddleware:
         try:
             if _TENANT_ID in values:
                 header = "X-Tenant-ID"
-                uuid = validator.validate_uuid(_header_text(header, values[_TENANT_ID]))
-                return TenantKey._trusted(TenantKeyKind.UUID, uuid)
+                text = _header_text(header, values[_TENANT_ID])
+                return validator.validate(text, kind=TenantKeyKind.UUID)
             if _TENANT_SLUG in values:
                 header = "X-Tenant-Slug"
-                slug = validator.validate_slug(_header_text(header, values[_TENANT_SLUG]))
-                return TenantKey._trusted(TenantKeyKind.SLUG, slug)
+                text = _header_text(header, values[_TENANT_SLUG])
+                return validator.validate(text, kind=TenantKeyKind.SLUG)
             header, host = self._host(values)
-            return TenantKey._trusted(TenantKeyKind.HOST, validator.validate_host(host))
+            return validator.validate(host, kind=TenantKeyKind.HOST)
         except TenantValidationError as exc:
             raise _invalid(header, exc) from None
 

@@ -254,8 +254,8 @@ class InventoryLow(Event, tag="inventory.low"):
     remaining: _Count
     threshold: _Count
 
-    def _check(self) -> None:
-        super()._check()
+    def cross_check(self) -> None:
+        super().cross_check()
         if self.remaining >= self.threshold:
             raise EventValidationError(
                 self.event_type,
@@ -285,8 +285,8 @@ class OrderStatusChanged(Event, tag="order.status_changed"):
     old_status: _Status
     new_status: _Status
 
-    def _check(self) -> None:
-        super()._check()
+    def cross_check(self) -> None:
+        super().cross_check()
         _require_different(self, self.old_status, self.new_status, "new_status")
 
 
@@ -353,8 +353,8 @@ class ForumTopicStatusChanged(Event, tag="forum.topic_status_changed"):
     old_status: _Status
     new_status: _Status
 
-    def _check(self) -> None:
-        super()._check()
+    def cross_check(self) -> None:
+        super().cross_check()
         _require_different(self, self.old_status, self.new_status, "new_status")
 
 
@@ -368,8 +368,8 @@ class ForumReplyStatusChanged(Event, tag="forum.reply_status_changed"):
     old_status: _Status
     new_status: _Status
 
-    def _check(self) -> None:
-        super()._check()
+    def cross_check(self) -> None:
+        super().cross_check()
         _require_different(self, self.old_status, self.new_status, "new_status")
 
 

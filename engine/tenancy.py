@@ -265,15 +265,44 @@ class TenantIdentifierValidator:
                 )
         return host
 
-    def validate(self, value: str) -> TenantKey:
+    def validate(self, value: str, *, kind: TenantKeyKind | str | None = None) -> TenantKey:
         """The key ``value`` names: a uuid if it has the uuid shape (any case), else a host
-        if it contains a dot, else a slug."""
-        text = _trimmed(value)
-        if _looks_like_uuid(text):
-            return TenantKey._trusted(TenantKeyKind.UUID, self.validate_uuid(value))
-        if "." in text:
-            return TenantKey._trusted(TenantKeyKind.HOST, self.validate_host(value))
-        return TenantKey._trusted(TenantKeyKind.SLUG, self.validate_slug(value))
+        if it contains a dot, else a slug.
+
+        With ``kind``, ``value`` must be an identifier of that kind (an ``X-Tenant-Slug``
+        header names a slug even if it holds a dot). The key carries what this validator
+        accepted, its own reserved slugs included, where ``TenantKey.slug(...)`` applies
+        ``RESERVED_SLUGS``.
+        """
+        if kind is None:
+            text = _trimmed(value)
+            if _looks_like_uuid(text):
+                kind = TenantKeyKind.UUID
+            elif "." in text:
+                kind = TenantKeyKind.HOST
+            else:
+                kind = TenantKeyKind.SLUG
+        else:
+            kind = _key_kind(kind)
+        if kind is TenantKeyKind.UUID:
+            return _validated_key(kind, self.validate_uuid(value))
+        if kind is TenantKeyKind.HOST:
+            return _validated_key(kind, self.validate_host(value))
+        return _validated_key(kind, self.validate_slug(value))
+
+
+def _key_kind(kind: object) -> TenantKeyKind:
+    if isinstance(kind, TenantKeyKind):
+        return kind
+    if isinstance(kind, str):
+        try:
+            return TenantKeyKind(kind)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"a tenant key kind must be one of {', '.join(repr(k.value) for k in TenantKeyKind)},"
+        f" got {kind!r}"
+    )
 
 
 def _trimmed(value: str) -> str:
@@ -316,14 +345,6 @@ class TenantKey:
         object.__setattr__(self, "value", normalised)
 
     @classmethod
-    def _trusted(cls, kind: TenantKeyKind, value: UUID | str) -> TenantKey:
-        # The validator already checked the value, perhaps with its own reserved slugs.
-        key = object.__new__(cls)
-        object.__setattr__(key, "kind", kind)
-        object.__setattr__(key, "value", value)
-        return key
-
-    @classmethod
     def uuid(cls, value: UUID | str) -> TenantKey:
         """A uuid key from a ``UUID`` or its hyphenated text (any case)."""
         return cls(TenantKeyKind.UUID, value)
@@ -340,6 +361,19 @@ class TenantKey:
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.value}"
+
+
+def _validated_key(kind: TenantKeyKind, value: UUID | str) -> TenantKey:
+    """A key for a value a validator just accepted, perhaps with its own reserved slugs:
+    the constructor would check it again, against ``RESERVED_SLUGS``.
+
+    Module-private on purpose: a public unchecked constructor would let a caller build a
+    key holding anything.
+    """
+    key = object.__new__(TenantKey)
+    object.__setattr__(key, "kind", kind)
+    object.__setattr__(key, "value", value)
+    return key
 
 
 def _checked_uuid(value: UUID | str) -> UUID:

@@ -6,7 +6,7 @@ They serve in ``Check`` metadata (parameterised ones through ``functools.partial
 
     kind: Annotated[str, Check(check_not_blank, partial(check_max_bytes, limit=64))]
 
-and in an event's ``_check`` for cross-field rules. Every one runs in linear time: none
+and in an event's ``cross_check`` for cross-field rules. Every one runs in linear time: none
 uses a regular expression that can backtrack.
 """
 

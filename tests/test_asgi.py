@@ -703,6 +703,16 @@ async def test_a_custom_validator_applies_its_reserved_slugs() -> None:
         assert (await request(app, (b"x-tenant-slug", b"acme"))).status == 200
 
 
+async def test_a_custom_validator_admits_a_slug_the_default_reserves() -> None:
+    # The key reaching the resolver is the validator's, not rebuilt by TenantKey.slug(),
+    # which would refuse "api" against RESERVED_SLUGS.
+    validator = TenantIdentifierValidator(reserved=frozenset())
+    async with directory_resolver(validator=validator) as (resolver, directory):
+        app = TenantMiddleware(Inner(), resolver, validator=validator)
+        refused(await request(app, (b"x-tenant-slug", b"API")), 404, "unknown_tenant")
+        assert [(key.kind, key.value) for key in directory.calls] == [(TenantKeyKind.SLUG, "api")]
+
+
 # ---------------------------------------------------------------- other scopes
 
 

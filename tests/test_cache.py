@@ -331,6 +331,12 @@ def test_redis_url_errors_do_not_show_the_password(url: str) -> None:
     assert "***" in str(caught.value)
 
 
+def test_redis_url_errors_show_the_rest_of_the_url_unchanged() -> None:
+    with pytest.raises(ValueError, match="url") as caught:
+        RedisCache("http://user:s3cret@host:1/db?ssl=1#part")
+    assert "'http://user:***@host:1/db?ssl=1#part'" in str(caught.value)
+
+
 def test_redis_repr_shows_the_location_not_the_password() -> None:
     cache = RedisCache("redis://user:s3cret@127.0.0.1:1/0", prefix="p")
     assert "s3cret" not in repr(cache)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import engine._events as events_module
 from engine._errors import EngineError
+from engine.catalog import InventoryLow
 from engine.events import (
     Event,
     EventDecodeError,
@@ -436,6 +437,139 @@ def test_cross_field_rules_run_after_the_fields_passed() -> None:
     assert _broken(Transfer(source=same, target=same, amount=1)).field == "target"
     assert _broken(Transfer(source=same, target=same, amount=0)).field == "amount"
     Transfer(source=uuid4(), target=uuid4(), amount=1).validate()
+
+
+# Cross-field rules: the cross_check hook, and _check, its former spelling still honoured
+
+ran: list[str] = []
+
+
+class Window(Event, tag="test.window"):
+    """Cross-field rules in the documented spelling."""
+
+    start: int
+    end: int
+
+    def cross_check(self) -> None:
+        super().cross_check()
+        ran.append("Window")
+        if self.end <= self.start:
+            raise EventValidationError(
+                self.event_type, "end", Kind.INVALID_VALUE, "must be after start"
+            )
+
+
+class LaterWindow(Window, tag="test.later_window"):
+    """A user class still written in the former spelling, below one in the new."""
+
+    def _check(self) -> None:
+        super()._check()
+        ran.append("LaterWindow")
+        if self.start < 0:
+            raise EventValidationError(
+                self.event_type, "start", Kind.OUT_OF_RANGE, "must not be negative"
+            )
+
+
+class EvenLaterWindow(LaterWindow, tag="test.even_later_window"):
+    """The new spelling again, below a class in the former one."""
+
+    def cross_check(self) -> None:
+        super().cross_check()
+        ran.append("EvenLaterWindow")
+        if self.start % 2:
+            raise EventValidationError(self.event_type, "start", Kind.INVALID_VALUE, "odd")
+
+
+class LowAtLocation(InventoryLow, tag="test.low_at_location"):
+    """A user's catalog event with a rule of its own, in the former spelling."""
+
+    def _check(self) -> None:
+        super()._check()
+        if self.threshold > 100:
+            raise EventValidationError(
+                self.event_type, "threshold", Kind.OUT_OF_RANGE, "must be at most 100"
+            )
+
+
+class Unchained(Window, tag="test.unchained"):
+    """A former-spelling override that leaves out its bases' rules, as it always could."""
+
+    def _check(self) -> None:
+        ran.append("Unchained")
+
+
+def _ran(event: Event) -> list[str]:
+    ran.clear()
+    try:
+        event.validate()
+    finally:
+        result = list(ran)
+        ran.clear()
+    return result
+
+
+def test_cross_check_rules_are_validated() -> None:
+    assert _ran(Window(start=1, end=2)) == ["Window"]
+    error = _broken(Window(start=2, end=2))
+    assert (error.event_type, error.field, error.kind) == ("test.window", "end", Kind.INVALID_VALUE)
+
+
+def test_the_former_spelling_of_the_hook_still_validates() -> None:
+    # Transfer overrides _check and calls super()._check(), as user classes did.
+    same = uuid4()
+    assert _broken(Transfer(source=same, target=same, amount=1)).field == "target"
+    Transfer(source=uuid4(), target=uuid4(), amount=1).validate()
+
+
+def test_a_former_spelling_below_the_new_runs_each_rule_once_bases_first() -> None:
+    assert _ran(LaterWindow(start=1, end=5)) == ["Window", "LaterWindow"]
+    error = _broken(LaterWindow(start=-1, end=5))
+    assert (error.field, error.kind) == ("start", Kind.OUT_OF_RANGE)
+    # Both rules broken: the base's is reported, as when every class used _check.
+    error = _broken(LaterWindow(start=-1, end=-5))
+    assert (error.field, error.kind) == ("end", Kind.INVALID_VALUE)
+
+
+def test_the_new_spelling_below_the_former_runs_every_rule_once() -> None:
+    assert sorted(_ran(EvenLaterWindow(start=2, end=5))) == [
+        "EvenLaterWindow",
+        "LaterWindow",
+        "Window",
+    ]
+    assert _broken(EvenLaterWindow(start=3, end=5)).message == "odd"
+    assert _broken(EvenLaterWindow(start=-2, end=5)).kind is Kind.OUT_OF_RANGE
+    assert _broken(EvenLaterWindow(start=4, end=2)).field == "end"
+
+
+def test_a_user_subclass_of_a_catalog_event_keeps_the_catalog_rule_first() -> None:
+    def low(remaining: int, threshold: int) -> LowAtLocation:
+        return LowAtLocation(
+            variant_id=uuid4(), product_id=uuid4(), remaining=remaining, threshold=threshold
+        )
+
+    low(1, 5).validate()
+    assert _broken(low(1, 500)).field == "threshold"
+    assert _broken(low(9, 5)).field == "remaining"
+    # Both broken: the catalog's rule ran first, as it did before it took the new spelling.
+    assert _broken(low(900, 500)).field == "remaining"
+
+
+def test_an_override_that_skips_super_skips_its_bases_rules_as_before() -> None:
+    assert _ran(Unchained(start=5, end=1)) == ["Unchained"]
+
+
+@pytest.mark.parametrize("name", ["validate", "cross_check", "_check"])
+def test_a_field_may_not_hide_a_method_validate_relies_on(name: str) -> None:
+    namespace = {"__annotations__": {name: int}}
+    with pytest.raises(TypeError, match=rf"Hiding: an event field may not be named '{name}'"):
+        types.new_class(
+            "Hiding",
+            (Event,),
+            {"tag": f"test.hiding_{name}"},
+            lambda ns: ns.update(namespace),
+        )
+    assert f"test.hiding_{name}" not in registered_types()
 
 
 def test_check_rules_do_not_run_on_a_value_of_the_wrong_type() -> None:

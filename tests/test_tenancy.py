@@ -425,6 +425,72 @@ def test_validate_reports_the_kind_of_the_form_it_picked(value: str, kind: Kind)
     assert _kind(validator.validate, value) is kind
 
 
+@pytest.mark.parametrize(
+    ("value", "kind", "normalised"),
+    [
+        # A dotted value named as a slug is a malformed slug, not a host.
+        ("acme.example", TenantKeyKind.HOST, "acme.example"),
+        ("  Acme  ", TenantKeyKind.SLUG, "acme"),
+        ("acme", "host", "acme"),
+        # The uuid shape named as a slug stays a slug.
+        (
+            "123e4567-e89b-12d3-a456-426614174000",
+            "slug",
+            "123e4567-e89b-12d3-a456-426614174000",
+        ),
+        (
+            " 123E4567-E89B-12D3-A456-426614174000 ",
+            TenantKeyKind.UUID,
+            UUID("123e4567-e89b-12d3-a456-426614174000"),
+        ),
+    ],
+    ids=_id,
+)
+def test_validate_with_a_kind_takes_that_form(
+    value: str, kind: TenantKeyKind | str, normalised: object
+) -> None:
+    key = validator.validate(value, kind=kind)
+    assert (key.kind, key.value) == (TenantKeyKind(kind), normalised)
+    assert key == TenantKey(TenantKeyKind(kind), value)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "error"),
+    [
+        ("acme.example", TenantKeyKind.SLUG, Kind.INVALID_CHARACTERS),
+        ("acme", TenantKeyKind.UUID, Kind.INVALID_UUID),
+        ("acme..example", "host", Kind.INVALID_HOSTNAME),
+        ("admin", "slug", Kind.RESERVED),
+        ("", TenantKeyKind.HOST, Kind.EMPTY),
+    ],
+    ids=_id,
+)
+def test_validate_with_a_kind_refuses_other_forms(
+    value: str, kind: TenantKeyKind | str, error: Kind
+) -> None:
+    with pytest.raises(TenantValidationError) as caught:
+        validator.validate(value, kind=kind)
+    assert caught.value.kind is error
+
+
+@pytest.mark.parametrize("kind", ["tenant", "SLUG", "", 1, []])
+def test_validate_refuses_an_unknown_kind(kind: object) -> None:
+    rule = rf"one of 'uuid', 'slug', 'host', got {re.escape(repr(kind))}$"
+    with pytest.raises(ValueError, match=rule):
+        validator.validate("acme", kind=kind)  # type: ignore[arg-type]
+
+
+def test_a_validator_with_its_own_reserved_slugs_builds_keys_the_constructor_refuses() -> None:
+    # RESERVED_SLUGS holds "api"; this validator reserves only "billing". Its keys carry
+    # what it accepted, without the constructor's second check against RESERVED_SLUGS.
+    lenient = TenantIdentifierValidator(reserved=frozenset({"billing"}))
+    for key in (lenient.validate("API"), lenient.validate("api", kind=TenantKeyKind.SLUG)):
+        assert (key.kind, key.value) == (TenantKeyKind.SLUG, "api")
+    with pytest.raises(TenantValidationError):
+        TenantKey.slug("api")
+    assert _kind(lenient.validate, "billing") is Kind.RESERVED
+
+
 def _documented(key: TenantKey) -> bool:
     if key.kind is TenantKeyKind.UUID:
         return isinstance(key.value, UUID) and key.value.int != 0
