@@ -1,9 +1,12 @@
-"""What every scenario shares: the result record, statistics, the machine, the table.
+"""The harness: finds the scenarios, runs each in a child process, prints the table.
 
-The parent (``python -m benchmarks``) starts one subprocess per scenario and
-backend with ``python -m benchmarks._harness run-one SCENARIO BACKEND N REPEATS``;
-the child prints one JSON object on stdout. A fresh interpreter per scenario
-keeps one scenario's garbage, caches and heap growth out of the next one's figures.
+The scenarios are the ``scenario_*`` modules of this package; what they share
+(result types, statistics, timing) is in ``_common``, which they import instead
+of this module. The parent (``python -m benchmarks``) starts one subprocess per
+scenario and backend with
+``python -m benchmarks._harness run-one SCENARIO BACKEND N REPEATS``; the child
+prints one JSON object on stdout. A fresh interpreter per scenario keeps one
+scenario's garbage, caches and heap growth out of the next one's figures.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
+import pkgutil
 import platform
-import statistics
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from ._common import Scenario
 
 DISCLAIMER = """\
 Read these numbers with care. They come from one machine at one moment, and
@@ -30,104 +34,59 @@ process, alternating repetition by repetition, so drift hits both alike:
 compare the ratios rather than the absolute figures, look at the spread of the
 per-pair ratios, and rerun before trusting a small difference."""
 
+PACKAGE = "benchmarks"
+SCENARIO_PREFIX = "scenario_"
+"""The harness runs every module of the package whose name starts with this."""
 EVENTS = "events"
 """Scenario name of benchmarks/scenario_events.py (optional; no raw comparison)."""
-EVENTS_MODULE = "benchmarks.scenario_events"
+EVENTS_MODULE = f"{PACKAGE}.{SCENARIO_PREFIX}{EVENTS}"
 EVENTS_N = {"full": 10_000, "quick": 1_000, "smoke": 200}
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """What a scenario measured: medians of ours and of the raw limit, in ``unit``."""
-
-    ours: float
-    limit: float
-    pair_ratios: list[float]
-    """ours / limit of each alternating pair of repetitions: their spread shows the noise."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    run: Callable[[int, int], Awaitable[Measurement]]
-    """``run(n, repeats)``: backend-independent, started with ``anyio.run``."""
-    unit: str
-    higher_is_better: bool
-    target: float | None
-    """The issue's target for ours / limit; None where the issue sets none."""
-    n: dict[str, int]
-    """N per repetition for each mode: full, quick, smoke."""
-    absolute: bool = False
-    """The target is on ours itself, in ``unit`` (like "p99 < 10 ms"), not on ours / limit."""
-
-    @property
-    def target_text(self) -> str:
-        return target_text(
-            self.target,
-            higher_is_better=self.higher_is_better,
-            unit=self.unit if self.absolute else None,
-        )
-
-    def met(self, ratio: float, ours: float | None = None) -> bool | None:
-        """Whether the result meets the target; None when there is no target.
-
-        ``ratio`` is ours / limit; an absolute target judges ``ours`` instead.
-        """
-        if self.absolute:
-            if ours is None:
-                raise ValueError(f"{self.name}: an absolute target judges ours, pass it")
-            return meets(ours, self.target, higher_is_better=self.higher_is_better, absolute=True)
-        return meets(ratio, self.target, higher_is_better=self.higher_is_better)
-
-
-def target_text(target: float | None, *, higher_is_better: bool, unit: str | None = None) -> str:
-    """``">= 0.6"`` for a target on ours / limit, ``"< 10 ms"`` for one on ours in ``unit``."""
-    if target is None:
-        return "-"
-    if unit is not None:
-        return f"{'>=' if higher_is_better else '<'} {target:g} {unit}"
-    return f"{'>=' if higher_is_better else '<='} {target:g}"
-
-
-def meets(
-    value: float, target: float | None, *, higher_is_better: bool, absolute: bool = False
-) -> bool | None:
-    """Whether ``value`` meets ``target`` (None without one); an absolute upper bound is strict."""
-    if target is None:
-        return None
-    if higher_is_better:
-        return value >= target
-    return value < target if absolute else value <= target
-
 
 REPEATS = {"full": 9, "quick": 3, "smoke": 2}
 
 
+def scenario_modules() -> list[str]:
+    """The ``scenario_*`` modules with a raw comparison: every one but the events module."""
+    return sorted(
+        f"{PACKAGE}.{info.name}"
+        for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)])
+        if info.name.startswith(SCENARIO_PREFIX) and f"{PACKAGE}.{info.name}" != EVENTS_MODULE
+    )
+
+
 def scenarios() -> dict[str, Scenario]:
-    """Every scenario with a raw comparison, in the order they run."""
-    from .scenario_actors import SCENARIOS as actors
-    from .scenario_breakers import SCENARIOS as breakers
-    from .scenario_dispatch import SCENARIOS as dispatch
-    from .scenario_durable import SCENARIOS as durable
-    from .scenario_peers import SCENARIOS as peers
-    from .scenario_resolver import SCENARIOS as resolver
+    """Every scenario with a raw comparison, in the order they run.
 
-    return {**actors, **dispatch, **durable, **breakers, **resolver, **peers}
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile: always one of the observed values."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
+    Each module of ``scenario_modules()`` defines ``SCENARIOS`` (name -> Scenario)
+    and ``ORDER`` (an int: modules run by ascending ``ORDER``).
+    """
+    tables: list[tuple[int, str, dict[str, Scenario]]] = []
+    for name in scenario_modules():
+        module = importlib.import_module(name)
+        order = getattr(module, "ORDER", None)
+        table = getattr(module, "SCENARIOS", None)
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise TypeError(f"{name}.ORDER must be an int, got {order!r}")
+        if not isinstance(table, dict) or not all(
+            isinstance(scenario, Scenario) and key == scenario.name
+            for key, scenario in table.items()
+        ):
+            raise TypeError(
+                f"{name}.SCENARIOS must map each Scenario's name to it, got {table!r:.200}"
+            )
+        tables.append((order, name, table))
+    found: dict[str, Scenario] = {}
+    origin: dict[str, str] = {}
+    for _, module_name, table in sorted(tables, key=lambda entry: entry[:2]):
+        for key, scenario in table.items():
+            if key in found:
+                raise ValueError(
+                    f"scenario names must be unique, got {key!r} in {origin[key]} "
+                    f"and in {module_name}"
+                )
+            found[key] = scenario
+            origin[key] = module_name
+    return found
 
 
 # ------------------------------------------------------------------- context

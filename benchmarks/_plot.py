@@ -47,46 +47,59 @@ def _bars(axes: Axes, groups: dict[str, dict[str, float]], unit: str) -> None:
     axes.legend(fontsize=8)
 
 
-def fanout_scale(results: Sequence[dict[str, Any]], directory: Path) -> Path | None:
-    """Deliveries/s against the number of subscriptions (fanout_scale), ours and raw."""
-    runs = _ok(results, "fanout_scale")
+def _scale(
+    runs: Sequence[dict[str, Any]],
+    directory: Path,
+    *,
+    count: str,
+    xlabel: str,
+    unit: str,
+    title: str,
+    name: str,
+) -> Path | None:
+    """Ours and raw of each run's rows against the row's ``count`` (log x)."""
     if not runs:
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         rows = run["extra"]["rows"]
-        counts = [row["subscriptions"] for row in rows]
+        counts = [row[count] for row in rows]
         backend = run["backend"]
         axes.plot(counts, [row["ours"] for row in rows], "o-", label=f"ours ({backend})")
         axes.plot(counts, [row["limit"] for row in rows], "s--", label=f"raw anyio ({backend})")
     axes.set_xscale("log")
-    axes.set_xlabel("subscriptions")
-    axes.set_ylabel("deliveries/s")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(unit)
     axes.set_ylim(bottom=0)
-    axes.set_title("Fan-out throughput vs subscriptions")
+    axes.set_title(title)
     axes.legend(fontsize=8)
-    return _save(figure, directory, "fanout_scale.png")
+    return _save(figure, directory, name)
+
+
+def fanout_scale(results: Sequence[dict[str, Any]], directory: Path) -> Path | None:
+    """Deliveries/s against the number of subscriptions (fanout_scale), ours and raw."""
+    return _scale(
+        _ok(results, "fanout_scale"),
+        directory,
+        count="subscriptions",
+        xlabel="subscriptions",
+        unit="deliveries/s",
+        title="Fan-out throughput vs subscriptions",
+        name="fanout_scale.png",
+    )
 
 
 def actors_scale(results: Sequence[dict[str, Any]], directory: Path) -> Path | None:
     """Aggregate msgs/s against the number of actors (actors_scale), ours and raw."""
-    runs = _ok(results, "actors_scale")
-    if not runs:
-        return None
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        rows = run["extra"]["rows"]
-        counts = [row["actors"] for row in rows]
-        backend = run["backend"]
-        axes.plot(counts, [row["ours"] for row in rows], "o-", label=f"ours ({backend})")
-        axes.plot(counts, [row["limit"] for row in rows], "s--", label=f"raw anyio ({backend})")
-    axes.set_xscale("log")
-    axes.set_xlabel("actors (raw: streams and consumer tasks)")
-    axes.set_ylabel("msgs/s")
-    axes.set_ylim(bottom=0)
-    axes.set_title("Aggregate throughput vs number of actors")
-    axes.legend(fontsize=8)
-    return _save(figure, directory, "actors_scale.png")
+    return _scale(
+        _ok(results, "actors_scale"),
+        directory,
+        count="actors",
+        xlabel="actors (raw: streams and consumer tasks)",
+        unit="msgs/s",
+        title="Aggregate throughput vs number of actors",
+        name="actors_scale.png",
+    )
 
 
 def ask_latency(results: Sequence[dict[str, Any]], directory: Path) -> Path | None:

@@ -9,103 +9,38 @@ what the runtime costs.
 
 from __future__ import annotations
 
+import functools
 import gc
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
-import anyio.lowlevel
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from engine import Actor, Engine, MailboxFull
+from engine import Engine, MailboxFull
 
-from ._harness import Measurement, Scenario, median, percentile
+from ._common import (
+    STREAM_CAPACITY,
+    Echo,
+    Measurement,
+    Probe,
+    Scenario,
+    Sink,
+    alternate,
+    by_name,
+    compare,
+    now,
+    percentile,
+    row,
+    settle,
+    throughput,
+    timed_asks,
+    timed_hand_off,
+    timed_tells,
+)
 
-_T = TypeVar("_T")
-
-# perf_counter, not anyio.current_time(): we want wall time at the finest
-# resolution, and no backend's clock is involved in what is measured.
-_now = time.perf_counter
-
-
-class _Probe:
-    """Counts handled messages and signals the last one; shared by both adapters' sinks."""
-
-    __slots__ = ("count", "done", "target")
-
-    def __init__(self) -> None:
-        self.arm(0)
-
-    def arm(self, target: int) -> None:
-        self.count = 0
-        self.target = target
-        self.done = anyio.Event()
-
-
-class _Sink(Actor):
-    def __init__(self, probe: _Probe) -> None:
-        self._probe = probe
-
-    async def receive(self, message: object) -> None:
-        probe = self._probe
-        probe.count += 1
-        if probe.count == probe.target:
-            probe.done.set()
-
-
-class _Echo(Actor):
-    async def receive(self, message: object) -> object:
-        return message
-
-
-async def _settle() -> None:
-    """Let every task reach its wait, so each repetition starts from idle consumers."""
-    # A few plain checkpoints first: on asyncio wait_all_tasks_blocked sleeps
-    # 0.1 s whenever it finds a runnable task, which would only waste time here.
-    for _ in range(3):
-        await anyio.lowlevel.checkpoint()
-    await anyio.wait_all_tasks_blocked()
-
-
-async def _alternate(
-    raw: Callable[[], Awaitable[_T]],
-    ours: Callable[[], Awaitable[_T]],
-    repeats: int,
-    *,
-    settle: Callable[[], Awaitable[None]] = _settle,
-) -> tuple[list[_T], list[_T]]:
-    """Run ``repeats`` pairs, swapping the order in every other pair (raw-ours, ours-raw).
-
-    ``settle`` runs before each timed repetition (default: ``_settle``).
-    """
-    # One untimed round first: lazy imports, first-call caches and heap growth
-    # would otherwise land on whichever adapter runs first.
-    await raw()
-    await ours()
-    raw_results: list[_T] = []
-    ours_results: list[_T] = []
-    for i in range(repeats):
-        order = ((raw, raw_results), (ours, ours_results))
-        for adapter, results in order if i % 2 == 0 else reversed(order):
-            # Collect now so a cycle left by the previous repetition is not
-            # collected inside this one's timed section.
-            gc.collect()
-            await settle()
-            results.append(await adapter())
-    return raw_results, ours_results
-
-
-def _throughput(n: int, raw_seconds: list[float], ours_seconds: list[float]) -> Measurement:
-    raw_rates = [n / seconds for seconds in raw_seconds]
-    ours_rates = [n / seconds for seconds in ours_seconds]
-    return Measurement(
-        ours=median(ours_rates),
-        limit=median(raw_rates),
-        pair_ratios=[o / r for o, r in zip(ours_rates, raw_rates, strict=True)],
-        extra={"ours_rates": ours_rates, "limit_rates": raw_rates},
-    )
+ORDER = 10
+"""The harness runs scenario modules by ascending ORDER."""
 
 
 # ------------------------------------------------------------ (a) try_tell burst
@@ -114,17 +49,17 @@ def _throughput(n: int, raw_seconds: list[float], ours_seconds: list[float]) -> 
 async def try_tell_burst(n: int, repeats: int) -> Measurement:
     """N non-waiting sends into one idle consumer, timed until it has handled the N-th."""
     async with Engine() as engine:
-        probe = _Probe()
-        ref = await engine.spawn(lambda: _Sink(probe), name="sink", capacity=n)
+        probe = Probe()
+        ref = await engine.spawn(lambda: Sink(probe), name="sink", capacity=n)
 
         async def ours() -> float:
             probe.arm(n)
             try_tell = ref.try_tell
-            start = _now()
+            start = now()
             for i in range(n):
                 try_tell(i)
             await probe.done.wait()
-            return _now() - start
+            return now() - start
 
         async def raw() -> float:
             send, receive = anyio.create_memory_object_stream[int](n)
@@ -145,72 +80,36 @@ async def try_tell_burst(n: int, repeats: int) -> Measurement:
             with send, receive:
                 async with anyio.create_task_group() as tg:
                     await tg.start(consume)
-                    await _settle()
+                    await settle()
                     send_nowait = send.send_nowait
-                    start = _now()
+                    start = now()
                     for i in range(n):
                         send_nowait(i)
                     await done.wait()
-                    elapsed = _now() - start
+                    elapsed = now() - start
             return elapsed
 
-        raw_seconds, ours_seconds = await _alternate(raw, ours, repeats)
-    return _throughput(n, raw_seconds, ours_seconds)
+        raw_seconds, ours_seconds = await alternate(raw, ours, repeats)
+    return throughput(n, raw_seconds, ours_seconds)
 
 
 # ------------------------------------------------------------ (b) awaited tells
 
 
-_STREAM_CAPACITY = 1000
-
-
 async def tell_stream(n: int, repeats: int) -> Measurement:
     """A producer task awaiting each of N sends, timed until the consumer has the N-th."""
     async with Engine() as engine:
-        probe = _Probe()
-        ref = await engine.spawn(lambda: _Sink(probe), name="sink", capacity=_STREAM_CAPACITY)
-
-        async def ours() -> float:
-            probe.arm(n)
-
-            async def produce() -> None:
-                tell = ref.tell
-                for i in range(n):
-                    await tell(i)
-
-            async with anyio.create_task_group() as tg:
-                start = _now()
-                tg.start_soon(produce)
-                await probe.done.wait()
-                elapsed = _now() - start
-            return elapsed
+        probe = Probe()
+        ref = await engine.spawn(lambda: Sink(probe), name="sink", capacity=STREAM_CAPACITY)
+        ours = functools.partial(timed_tells, ref, probe, n)
 
         async def raw() -> float:
-            send, receive = anyio.create_memory_object_stream[int](_STREAM_CAPACITY)
-            done = anyio.Event()
-
-            async def consume(*, task_status: TaskStatus[None]) -> None:
-                task_status.started()
-                for _ in range(n):
-                    await receive.receive()
-                done.set()
-
-            async def produce() -> None:
-                for i in range(n):
-                    await send.send(i)
-
+            send, receive = anyio.create_memory_object_stream[int](STREAM_CAPACITY)
             with send, receive:
-                async with anyio.create_task_group() as tg:
-                    await tg.start(consume)
-                    await _settle()
-                    start = _now()
-                    tg.start_soon(produce)
-                    await done.wait()
-                    elapsed = _now() - start
-            return elapsed
+                return await timed_hand_off(send.send, receive.receive, n)
 
-        raw_seconds, ours_seconds = await _alternate(raw, ours, repeats)
-    return _throughput(n, raw_seconds, ours_seconds)
+        raw_seconds, ours_seconds = await alternate(raw, ours, repeats)
+    return throughput(n, raw_seconds, ours_seconds)
 
 
 # ------------------------------------------------------------- (c) ask round trip
@@ -219,17 +118,8 @@ async def tell_stream(n: int, repeats: int) -> Measurement:
 async def ask_roundtrip(n: int, repeats: int) -> Measurement:
     """N sequential request/reply round trips; latency of each, in microseconds."""
     async with Engine() as engine:
-        ref = await engine.spawn(_Echo, name="echo")
-
-        async def ours() -> list[float]:
-            ask = ref.ask
-            latencies: list[float] = []
-            record = latencies.append
-            for i in range(n):
-                start = _now()
-                await ask(i)
-                record(_now() - start)
-            return latencies
+        ref = await engine.spawn(Echo, name="echo")
+        ours = functools.partial(timed_asks, ref, n)
 
         async def raw() -> list[float]:
             request_send, request_receive = anyio.create_memory_object_stream[int](1)
@@ -246,16 +136,16 @@ async def ask_roundtrip(n: int, repeats: int) -> Measurement:
             with reply_receive:
                 async with anyio.create_task_group() as tg:
                     await tg.start(serve)
-                    await _settle()
+                    await settle()
                     with request_send:
                         for i in range(n):
-                            start = _now()
+                            start = now()
                             await request_send.send(i)
                             await reply_receive.receive()
-                            record(_now() - start)
+                            record(now() - start)
             return latencies
 
-        raw_runs, ours_runs = await _alternate(raw, ours, repeats)
+        raw_runs, ours_runs = await alternate(raw, ours, repeats)
 
     def micros(runs: list[list[float]]) -> list[float]:
         return [seconds * 1e6 for run in runs for seconds in run]
@@ -296,7 +186,7 @@ async def _actors_at(count: int, n: int, repeats: int) -> tuple[list[float], lis
     but no sender waits: the figures are the cost of delivering, not of throttling.
     """
     share = -(-n // count)
-    probe = _Probe()
+    probe = Probe()
 
     async def raw() -> float:
         pairs = [anyio.create_memory_object_stream[int](share) for _ in range(count)]
@@ -315,7 +205,7 @@ async def _actors_at(count: int, n: int, repeats: int) -> tuple[list[float], lis
                             return
                     except anyio.EndOfStream:
                         return
-                    # The same user work as _Sink.receive.
+                    # The same user work as Sink.receive.
                     del message
                     probe.count += 1
                     if probe.count == probe.target:
@@ -325,9 +215,9 @@ async def _actors_at(count: int, n: int, repeats: int) -> tuple[list[float], lis
         async with anyio.create_task_group() as tg:
             for _, receive in pairs:
                 tg.start_soon(consume, receive)
-            await _settle()
+            await settle()
             nowait = [send.send_nowait for send in sends]
-            start = _now()
+            start = now()
             for i in range(n):
                 index = i % count
                 try:
@@ -335,21 +225,21 @@ async def _actors_at(count: int, n: int, repeats: int) -> tuple[list[float], lis
                 except anyio.WouldBlock:
                     await sends[index].send(i)
             await probe.done.wait()
-            elapsed = _now() - start
+            elapsed = now() - start
             for send in sends:
                 send.close()
         return elapsed
 
     async with Engine() as engine:
         refs = [
-            await engine.spawn(lambda: _Sink(probe), name=f"a{i}", capacity=share)
+            await engine.spawn(lambda: Sink(probe), name=f"a{i}", capacity=share)
             for i in range(count)
         ]
 
         async def ours() -> float:
             probe.arm(n)
             try_tells = [ref.try_tell for ref in refs]
-            start = _now()
+            start = now()
             for i in range(n):
                 index = i % count
                 try:
@@ -357,9 +247,9 @@ async def _actors_at(count: int, n: int, repeats: int) -> tuple[list[float], lis
                 except MailboxFull:
                     await refs[index].tell(i)
             await probe.done.wait()
-            return _now() - start
+            return now() - start
 
-        return await _alternate(raw, ours, repeats)
+        return await alternate(raw, ours, repeats)
 
 
 async def actors_scale(n: int, repeats: int) -> Measurement:
@@ -371,76 +261,59 @@ async def actors_scale(n: int, repeats: int) -> Measurement:
     ours at the smallest: how aggregate throughput holds up as actors multiply.
     """
     counts = scale_counts(n)
-    rows: list[dict[str, Any]] = []
-    ours_rates: dict[int, list[float]] = {}
-    raw_rates: dict[int, list[float]] = {}
+    measured: dict[int, Measurement] = {}
     for count in counts:
         raw_seconds, ours_seconds = await _actors_at(count, n, repeats)
-        measured = _throughput(n, raw_seconds, ours_seconds)
-        ours_rates[count] = measured.extra["ours_rates"]
-        raw_rates[count] = measured.extra["limit_rates"]
-        rows.append(
-            {
-                "label": f"actors_scale @{count}",
-                "actors": count,
-                "messages": n,
-                "unit": "msgs/s",
-                "ours": measured.ours,
-                "limit": measured.limit,
-                "pair_ratio_min": min(measured.pair_ratios),
-                "pair_ratio_max": max(measured.pair_ratios),
-            }
-        )
+        measured[count] = throughput(n, raw_seconds, ours_seconds)
         gc.collect()
-    low, high = counts[0], counts[-1]
-    return Measurement(
-        ours=median(ours_rates[high]),
-        limit=median(ours_rates[low]),
-        pair_ratios=[h / lo for h, lo in zip(ours_rates[high], ours_rates[low], strict=True)],
-        extra={
-            "label": f"actors_scale ours @{high} vs ours @{low}",
-            "rows": rows,
-            "limit_growth": median(raw_rates[high]) / median(raw_rates[low]),
+    low, high = measured[counts[0]], measured[counts[-1]]
+    return compare(
+        high.extra["ours_rates"],
+        low.extra["ours_rates"],
+        {
+            "label": f"actors_scale ours @{counts[-1]} vs ours @{counts[0]}",
+            "rows": [
+                row(f"actors_scale @{count}", figures, "msgs/s", actors=count, messages=n)
+                for count, figures in measured.items()
+            ],
+            "limit_growth": high.limit / low.limit,
         },
     )
 
 
-SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario
-    for scenario in (
-        Scenario(
-            name="try_tell_burst",
-            run=try_tell_burst,
-            unit="msgs/s",
-            higher_is_better=True,
-            target=0.45,
-            n={"full": 200_000, "quick": 20_000, "smoke": 200},
-        ),
-        Scenario(
-            name="tell_stream",
-            run=tell_stream,
-            unit="msgs/s",
-            higher_is_better=True,
-            target=2.5,
-            n={"full": 50_000, "quick": 10_000, "smoke": 200},
-        ),
-        Scenario(
-            name="ask_roundtrip",
-            run=ask_roundtrip,
-            unit="µs",
-            higher_is_better=False,
-            target=0.9,
-            n={"full": 10_000, "quick": 1_000, "smoke": 200},
-        ),
-        Scenario(
-            name="actors_scale",
-            run=actors_scale,
-            unit="msgs/s",
-            higher_is_better=True,
-            target=None,
-            # N messages per count: 10 to 10,000 actors in full, to 1,000 in quick, 10 and 100
-            # in smoke (see scale_counts).
-            n={"full": 200_000, "quick": 20_000, "smoke": 1_000},
-        ),
-    )
-}
+SCENARIOS = by_name(
+    Scenario(
+        name="try_tell_burst",
+        run=try_tell_burst,
+        unit="msgs/s",
+        higher_is_better=True,
+        target=0.45,
+        n={"full": 200_000, "quick": 20_000, "smoke": 200},
+    ),
+    Scenario(
+        name="tell_stream",
+        run=tell_stream,
+        unit="msgs/s",
+        higher_is_better=True,
+        target=2.5,
+        n={"full": 50_000, "quick": 10_000, "smoke": 200},
+    ),
+    Scenario(
+        name="ask_roundtrip",
+        run=ask_roundtrip,
+        unit="µs",
+        higher_is_better=False,
+        target=0.9,
+        n={"full": 10_000, "quick": 1_000, "smoke": 200},
+    ),
+    Scenario(
+        name="actors_scale",
+        run=actors_scale,
+        unit="msgs/s",
+        higher_is_better=True,
+        target=None,
+        # N messages per count: 10 to 10,000 actors in full, to 1,000 in quick, 10 and 100
+        # in smoke (see scale_counts).
+        n={"full": 200_000, "quick": 20_000, "smoke": 1_000},
+    ),
+)

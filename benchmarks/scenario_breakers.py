@@ -3,8 +3,8 @@
 Every adapter awaits the same no-op in a loop; its cost per call minus that of
 the bare loop (``await noop()``) is its overhead. All adapters run in one event
 loop (ours with its engine running), taking turns block by block (see
-``_rounds``), and each repetition's overheads are taken against the bare loop
-of the same repetition, so drift hits them alike. The peers:
+``_common.take_turns_in_blocks``), and each repetition's overheads are taken
+against the bare loop of the same repetition, so drift hits them alike. The peers:
 
 - aiobreaker: ``await breaker.call_async(noop)``. Its closed path never
   touches asyncio (only ``sleep_until_open`` does, which is not called here),
@@ -21,24 +21,33 @@ anyio.current_time() + 1): await noop()`` minus bare) is measured beside it.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import importlib.util
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiobreaker  # type: ignore[import-untyped]
 import anyio
-import anyio.lowlevel
 import pybreaker
 
 from engine import CircuitBreakerConfig, Engine
 
-from ._harness import Measurement, Scenario, median, meets, target_text
-from .scenario_actors import _now, _settle
+from ._common import (
+    BlockAdapter,
+    Measurement,
+    Scenario,
+    by_name,
+    compare,
+    median,
+    now,
+    on_asyncio,
+    row,
+    take_turns_in_blocks,
+    timed_awaits,
+    with_target,
+)
 
-BLOCK = 500
-"""Calls per timed block; the adapters take turns block by block."""
+ORDER = 40
+"""The harness runs scenario modules by ascending ORDER."""
 TIMEOUT_BUDGET_NS = 500.0
 """What a call with ``call_timeout`` may cost beyond entering the raw cancel scope."""
 TIMEOUT_TARGET = 1.0
@@ -59,19 +68,7 @@ def _tornado_available() -> bool:
     )
 
 
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-Adapter = Callable[[int], Awaitable[float]]
-"""``adapter(count)``: make ``count`` calls, return the seconds they took."""
-
-
-def _adapters(engine: Engine, pybreaker_async: bool) -> dict[str, Adapter]:
+def _adapters(engine: Engine, pybreaker_async: bool) -> dict[str, BlockAdapter]:
     """One coroutine per implementation, each timing a loop of calls to a no-op."""
     ours = engine.breaker("bench.closed", CircuitBreakerConfig())
     ours_timeout = engine.breaker("bench.call_timeout", CircuitBreakerConfig(call_timeout=1.0))
@@ -80,133 +77,67 @@ def _adapters(engine: Engine, pybreaker_async: bool) -> dict[str, Adapter]:
 
     async def bare(count: int) -> float:
         noop = _noop
-        start = _now()
+        start = now()
         for _ in range(count):
             await noop()
-        return _now() - start
-
-    async def ours_closed(count: int) -> float:
-        call, noop = ours.call, _noop
-        start = _now()
-        for _ in range(count):
-            await call(noop)
-        return _now() - start
-
-    async def ours_call_timeout(count: int) -> float:
-        call, noop = ours_timeout.call, _noop
-        start = _now()
-        for _ in range(count):
-            await call(noop)
-        return _now() - start
+        return now() - start
 
     async def cancel_scope(count: int) -> float:
         noop = _noop
-        start = _now()
+        start = now()
         for _ in range(count):
             # Spelled as the breaker spells it (module attribute look-ups included).
             with anyio.CancelScope(deadline=anyio.current_time() + 1):
                 await noop()
-        return _now() - start
-
-    async def aiobreaker_closed(count: int) -> float:
-        call, noop = aio.call_async, _noop
-        start = _now()
-        for _ in range(count):
-            await call(noop)
-        return _now() - start
-
-    async def pybreaker_async_closed(count: int) -> float:
-        # A tornado coroutine (untyped): awaitable on asyncio, tornado's own loop.
-        call: Callable[..., Awaitable[None]] = py.call_async
-        noop = _noop
-        start = _now()
-        for _ in range(count):
-            await call(noop)
-        return _now() - start
+        return now() - start
 
     async def sync_bare(count: int) -> float:
         noop = _sync_noop
-        start = _now()
+        start = now()
         for _ in range(count):
             noop()
-        return _now() - start
+        return now() - start
 
     async def pybreaker_sync_closed(count: int) -> float:
         call, noop = py.call, _sync_noop
-        start = _now()
+        start = now()
         for _ in range(count):
             call(noop)
-        return _now() - start
+        return now() - start
 
-    adapters: dict[str, Adapter] = {
+    adapters: dict[str, BlockAdapter] = {
         "bare": bare,
-        "ours": ours_closed,
-        "ours_call_timeout": ours_call_timeout,
+        "ours": timed_awaits(ours.call, _noop),
+        "ours_call_timeout": timed_awaits(ours_timeout.call, _noop),
         "cancel_scope": cancel_scope,
-        "aiobreaker": aiobreaker_closed,
+        "aiobreaker": timed_awaits(aio.call_async, _noop),
     }
     if pybreaker_async:
-        adapters["pybreaker"] = pybreaker_async_closed
+        # A tornado coroutine (untyped): awaitable on asyncio, tornado's own loop.
+        call_async: Callable[..., Awaitable[None]] = py.call_async
+        adapters["pybreaker"] = timed_awaits(call_async, _noop)
     else:
         adapters["sync_bare"] = sync_bare
         adapters["pybreaker"] = pybreaker_sync_closed
     return adapters
 
 
-async def _rounds(adapters: dict[str, Adapter], n: int, repeats: int) -> dict[str, list[float]]:
-    """Nanoseconds per call of each adapter, one figure per repetition of about n calls.
-
-    A repetition runs the adapters in blocks of ``BLOCK`` calls, one block of
-    each in turn (reversed every other turn), so drift within a repetition hits
-    them alike; its figure is the median block, so a block that took a
-    collection of the old generations or an interrupt does not move it. Between
-    blocks, untimed, the loop gets a turn: a cancel scope with a deadline leaves
-    a timer entry that asyncio and trio prune only when their loop runs, and a
-    tight loop that never yields would time a heap growing by one entry a call.
-    """
-    # One untimed round first: first-call caches and lazy imports land nowhere.
-    for adapter in adapters.values():
-        await adapter(BLOCK)
-    names = list(adapters)
-    per_call: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        gc.collect()
-        await _settle()
-        blocks: dict[str, list[float]] = {name: [] for name in names}
-        for block in range(max(1, n // BLOCK)):
-            for name in names if block % 2 == 0 else reversed(names):
-                blocks[name].append(await adapters[name](BLOCK))
-                await anyio.lowlevel.checkpoint()
-        for name in names:
-            per_call[name].append(median(blocks[name]) / BLOCK * 1e9)
-    return per_call
-
-
 def _row(
     label: str, ours: list[float], limit: list[float], target: float | None = None
 ) -> dict[str, Any]:
-    ratio = median(ours) / median(limit)
-    pairs = [o / lim for o, lim in zip(ours, limit, strict=True)]
-    row: dict[str, Any] = {
-        "label": label,
-        "unit": "ns/call",
-        "ours": median(ours),
-        "limit": median(limit),
-        "pair_ratio_min": min(pairs),
-        "pair_ratio_max": max(pairs),
-    }
-    if target is not None:
-        row["target"] = target_text(target, higher_is_better=False)
-        row["met"] = meets(ratio, target, higher_is_better=False)
-    return row
+    figures = row(label, compare(ours, limit), "ns/call")
+    # Only a row with a target of its own says so: the others carry neither key.
+    if target is None:
+        return figures
+    return with_target(figures, target, higher_is_better=False)
 
 
 async def breaker_overhead(n: int, repeats: int) -> Measurement:
     """ns per call that each breaker adds to ``await noop()`` on its closed (success) path."""
     tornado = _tornado_available()
-    pybreaker_async = tornado and _on_asyncio()
+    pybreaker_async = tornado and on_asyncio()
     async with Engine() as engine:
-        per_call = await _rounds(_adapters(engine, pybreaker_async), n, repeats)
+        per_call = await take_turns_in_blocks(_adapters(engine, pybreaker_async), n, repeats)
     bare = per_call["bare"]
 
     def overhead(name: str, base: list[float] = bare) -> list[float]:
@@ -231,11 +162,10 @@ async def breaker_overhead(n: int, repeats: int) -> Measurement:
         _row("breaker call_timeout vs cancel scope", ours_timeout, scope),
         _row("breaker call_timeout vs cancel scope + 0.5 µs", ours_timeout, budget, TIMEOUT_TARGET),
     ]
-    return Measurement(
-        ours=median(ours),
-        limit=median(aio),
-        pair_ratios=[o / a for o, a in zip(ours, aio, strict=True)],
-        extra={
+    return compare(
+        ours,
+        aio,
+        {
             "label": "breaker vs aiobreaker",
             "rows": rows,
             "ns_per_call": {name: median(costs) for name, costs in per_call.items()},
@@ -254,22 +184,19 @@ async def breaker_overhead(n: int, repeats: int) -> Measurement:
             "pybreaker_mode": py_mode,
             "aiobreaker_mode": (
                 "async: await call_async(noop) on "
-                + ("asyncio" if _on_asyncio() else "trio (its closed path never touches asyncio)")
+                + ("asyncio" if on_asyncio() else "trio (its closed path never touches asyncio)")
             ),
         },
     )
 
 
-SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario
-    for scenario in (
-        Scenario(
-            name="breaker_overhead",
-            run=breaker_overhead,
-            unit="ns/call",
-            higher_is_better=False,
-            target=0.25,
-            n={"full": 100_000, "quick": 25_000, "smoke": 2_000},
-        ),
-    )
-}
+SCENARIOS = by_name(
+    Scenario(
+        name="breaker_overhead",
+        run=breaker_overhead,
+        unit="ns/call",
+        higher_is_better=False,
+        target=0.25,
+        n={"full": 100_000, "quick": 25_000, "smoke": 2_000},
+    ),
+)

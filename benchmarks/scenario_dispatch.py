@@ -28,8 +28,22 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from engine import BackpressureConfig, BackpressureError, Engine
 from engine.events import Event
 
-from ._harness import Measurement, Scenario, median
-from .scenario_actors import _alternate, _now, _Probe, _settle, _throughput
+from ._common import (
+    Measurement,
+    Probe,
+    Scenario,
+    alternate,
+    by_name,
+    compare,
+    median,
+    now,
+    row,
+    settle,
+    throughput,
+)
+
+ORDER = 20
+"""The harness runs scenario modules by ascending ORDER."""
 
 Handler = Callable[["Tick"], Awaitable[None]]
 
@@ -45,7 +59,7 @@ def _events(count: int) -> list[Tick]:
     return [Tick(n=i) for i in range(count)]
 
 
-def _counting(probe: _Probe) -> Handler:
+def _counting(probe: Probe) -> Handler:
     """The user's handler, the same function on both sides."""
 
     async def handle(event: Tick) -> None:
@@ -70,7 +84,7 @@ def _max_depth(events: int) -> int:
 
 
 def _ours(
-    engine: Engine, events: Sequence[Tick], probe: _Probe, deliveries: int
+    engine: Engine, events: Sequence[Tick], probe: Probe, deliveries: int
 ) -> Callable[[], Awaitable[float]]:
     """Publish a burst the way a user would: ``try_publish``, awaiting ``publish`` only
     when the engine says CRITICAL (it never does here: ``max_depth`` holds the burst)."""
@@ -79,14 +93,14 @@ def _ours(
         probe.arm(deliveries)
         try_publish = engine.try_publish
         publish = engine.publish
-        start = _now()
+        start = now()
         for event in events:
             try:
                 try_publish(event)
             except BackpressureError:
                 await publish(event)
         await probe.done.wait()
-        return _now() - start
+        return now() - start
 
     return ours
 
@@ -138,7 +152,7 @@ async def _consume(
 
 def _raw(
     events: Sequence[Tick],
-    probe: _Probe,
+    probe: Probe,
     handle: Handler,
     *,
     streams: int,
@@ -155,10 +169,10 @@ def _raw(
         async with anyio.create_task_group() as tg:
             for _, receive in pairs:
                 await tg.start(_consume, receive, handle)
-            await _settle()
+            await settle()
             nowait = [send.send_nowait for send in sends]
             count = len(sends)
-            start = _now()
+            start = now()
             if keyed:
                 for event in events:
                     index = hash(_key(event)) % count
@@ -174,7 +188,7 @@ def _raw(
                         except anyio.WouldBlock:
                             await sends[index].send(event)
             await probe.done.wait()
-            elapsed = _now() - start
+            elapsed = now() - start
             for send in sends:
                 send.close()
         return elapsed
@@ -191,7 +205,7 @@ async def _compare(
     """Deliveries per repetition, raw seconds, ours seconds."""
     n = len(events)
     deliveries = n * subscriptions
-    probe = _Probe()
+    probe = Probe()
     handle = _counting(probe)
     keyed = partitions > 1
     raw = _raw(
@@ -206,7 +220,7 @@ async def _compare(
     async with Engine(backpressure=BackpressureConfig(max_depth=_max_depth(n))) as engine:
         _subscribe(engine, handle, subscriptions=subscriptions, capacity=n, partitions=partitions)
         ours = _ours(engine, events, probe, deliveries)
-        raw_seconds, ours_seconds = await _alternate(raw, ours, repeats)
+        raw_seconds, ours_seconds = await alternate(raw, ours, repeats)
         depth = engine.metrics().backpressure.depth
     if depth:  # pragma: no cover - a leaked slot would make every figure suspect
         raise AssertionError(f"backpressure depth is {depth} after the runs, expected 0")
@@ -216,13 +230,13 @@ async def _compare(
 async def publish_1(n: int, repeats: int) -> Measurement:
     """N events published to one subscriber."""
     deliveries, raw_seconds, ours_seconds = await _compare(_events(n), repeats, subscriptions=1)
-    return _throughput(deliveries, raw_seconds, ours_seconds)
+    return throughput(deliveries, raw_seconds, ours_seconds)
 
 
 async def fanout_8(n: int, repeats: int) -> Measurement:
     """N events published to 8 subscriptions of their type: 8 N deliveries."""
     deliveries, raw_seconds, ours_seconds = await _compare(_events(n), repeats, subscriptions=8)
-    return _throughput(deliveries, raw_seconds, ours_seconds)
+    return throughput(deliveries, raw_seconds, ours_seconds)
 
 
 async def partitions_4(n: int, repeats: int) -> Measurement:
@@ -230,7 +244,7 @@ async def partitions_4(n: int, repeats: int) -> Measurement:
     deliveries, raw_seconds, ours_seconds = await _compare(
         _events(n), repeats, subscriptions=1, partitions=4
     )
-    return _throughput(deliveries, raw_seconds, ours_seconds)
+    return throughput(deliveries, raw_seconds, ours_seconds)
 
 
 SCALE_COUNTS = (8, 100, 1000)
@@ -254,25 +268,21 @@ async def fanout_scale(n: int, repeats: int) -> Measurement:
         )
         ours_cost[count] = [seconds / deliveries * 1e9 for seconds in ours_seconds]
         raw_cost[count] = [seconds / deliveries * 1e9 for seconds in raw_seconds]
-        measured = _throughput(deliveries, raw_seconds, ours_seconds)
+        measured = throughput(deliveries, raw_seconds, ours_seconds)
         rows.append(
-            {
-                "label": f"fanout_scale @{count}",
-                "subscriptions": count,
-                "events": n // count,
-                "unit": "deliveries/s",
-                "ours": measured.ours,
-                "limit": measured.limit,
-                "pair_ratio_min": min(measured.pair_ratios),
-                "pair_ratio_max": max(measured.pair_ratios),
-            }
+            row(
+                f"fanout_scale @{count}",
+                measured,
+                "deliveries/s",
+                subscriptions=count,
+                events=n // count,
+            )
         )
     low, high = SCALE_COUNTS[0], SCALE_COUNTS[-1]
-    return Measurement(
-        ours=median(ours_cost[high]),
-        limit=median(ours_cost[low]),
-        pair_ratios=[h / lo for h, lo in zip(ours_cost[high], ours_cost[low], strict=True)],
-        extra={
+    return compare(
+        ours_cost[high],
+        ours_cost[low],
+        {
             "label": f"fanout_scale ns/delivery @{high} vs @{low}",
             "rows": rows,
             "limit_growth": median(raw_cost[high]) / median(raw_cost[low]),
@@ -280,40 +290,37 @@ async def fanout_scale(n: int, repeats: int) -> Measurement:
     )
 
 
-SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario
-    for scenario in (
-        Scenario(
-            name="publish_1",
-            run=publish_1,
-            unit="deliveries/s",
-            higher_is_better=True,
-            target=None,
-            n={"full": 100_000, "quick": 10_000, "smoke": 200},
-        ),
-        Scenario(
-            name="fanout_8",
-            run=fanout_8,
-            unit="deliveries/s",
-            higher_is_better=True,
-            target=0.25,
-            n={"full": 50_000, "quick": 5_000, "smoke": 100},
-        ),
-        Scenario(
-            name="partitions_4",
-            run=partitions_4,
-            unit="deliveries/s",
-            higher_is_better=True,
-            target=None,
-            n={"full": 100_000, "quick": 10_000, "smoke": 200},
-        ),
-        Scenario(
-            name="fanout_scale",
-            run=fanout_scale,
-            unit="ns/delivery",
-            higher_is_better=False,
-            target=1.25,
-            n={"full": 400_000, "quick": 40_000, "smoke": 2_000},
-        ),
-    )
-}
+SCENARIOS = by_name(
+    Scenario(
+        name="publish_1",
+        run=publish_1,
+        unit="deliveries/s",
+        higher_is_better=True,
+        target=None,
+        n={"full": 100_000, "quick": 10_000, "smoke": 200},
+    ),
+    Scenario(
+        name="fanout_8",
+        run=fanout_8,
+        unit="deliveries/s",
+        higher_is_better=True,
+        target=0.25,
+        n={"full": 50_000, "quick": 5_000, "smoke": 100},
+    ),
+    Scenario(
+        name="partitions_4",
+        run=partitions_4,
+        unit="deliveries/s",
+        higher_is_better=True,
+        target=None,
+        n={"full": 100_000, "quick": 10_000, "smoke": 200},
+    ),
+    Scenario(
+        name="fanout_scale",
+        run=fanout_scale,
+        unit="ns/delivery",
+        higher_is_better=False,
+        target=1.25,
+        n={"full": 400_000, "quick": 40_000, "smoke": 2_000},
+    ),
+)

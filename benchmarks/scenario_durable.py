@@ -35,12 +35,30 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from engine import Engine
-from engine._store import Store, Transaction
-from engine.events import Event
+from engine import Engine, Transaction
+from engine._store import Store
 
-from ._harness import Measurement, Scenario, median, meets, percentile, target_text
-from .scenario_actors import _alternate, _now, _Probe, _settle, _throughput
+from ._common import (
+    WRITTEN_TAG,
+    Measurement,
+    Probe,
+    Scenario,
+    Written,
+    alternate,
+    by_name,
+    compare,
+    fsync_latency,
+    median,
+    now,
+    percentile,
+    row,
+    settle_durable,
+    throughput,
+    with_target,
+)
+
+ORDER = 30
+"""The harness runs scenario modules by ascending ORDER."""
 
 Durability = Literal["full", "normal"]
 
@@ -55,20 +73,8 @@ VERSUS_RAW_TARGET = 0.6
 RATE = 1000.0
 """Events per second published by the latency scenario's writer."""
 P99_TARGET_MS = 10.0
-FSYNC_SAMPLES = 200
 LATENCY_TIMEOUT = 60.0
 """Seconds a latency repetition may wait for its last delivery before it fails."""
-SETTLE_LIMIT = 0.25
-"""Seconds ``_settle_durable`` waits for every task to block before it goes on anyway."""
-
-
-class Written(Event, tag="bench.written"):
-    """The benchmark's event: the envelope plus one integer (its index in the repetition)."""
-
-    n: int
-
-
-_TAG = "bench.written"
 
 _DOMAIN = (
     "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY AUTOINCREMENT, "
@@ -90,44 +96,6 @@ _INSERT_OUTBOX = (
 def _events(count: int) -> list[Written]:
     """``count`` fresh events (every id is new: the outbox's ``id`` is UNIQUE)."""
     return [Written(n=i) for i in range(count)]
-
-
-async def _settle_durable() -> None:
-    """``_settle``, bounded: an engine with a database never quite settles on asyncio.
-
-    Its housekeeping task wakes every 0.1 s, and anyio's ``wait_all_tasks_blocked``
-    on asyncio polls every 0.1 s for a task that is not waiting: the two fall into
-    step (each poll finds the housekeeping's timer just fired) and the wait never
-    returns. Without this bound about one asyncio run in four hung here.
-    """
-    with anyio.move_on_after(SETTLE_LIMIT):
-        await _settle()
-
-
-# --------------------------------------------------------------------- disk
-
-
-def fsync_latency(directory: str, samples: int) -> dict[str, Any]:
-    """os.write of 64 bytes + os.fsync on a file in ``directory``: median and p99 in ms."""
-    path = os.path.join(directory, "fsync-probe")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    timings: list[float] = []
-    try:
-        block = b"x" * 64
-        for _ in range(samples):
-            start = _now()
-            os.write(fd, block)
-            os.fsync(fd)
-            timings.append((_now() - start) * 1e3)
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    return {
-        "fsync_ms": median(timings),
-        "fsync_p99_ms": percentile(timings, 99),
-        "fsync_samples": samples,
-        "temp_dir": directory,
-    }
 
 
 # --------------------------------------------------------------------- ours
@@ -175,7 +143,7 @@ class _Raw:
             _INSERT_OUTBOX,
             (
                 str(event.id),
-                _TAG,
+                WRITTEN_TAG,
                 None if tenant is None else str(tenant),
                 self.encode(event),
                 time.time(),
@@ -215,9 +183,9 @@ async def _compare_1(
 
     async def raw() -> float:
         events = _events(n)
-        start = _now()
+        start = now()
         await anyio.to_thread.run_sync(raw_db.batches, events, 1)
-        return _now() - start
+        return now() - start
 
     try:
         async with Engine(os.path.join(directory, "ours-1.db"), durability=durability) as engine:
@@ -226,12 +194,12 @@ async def _compare_1(
 
             async def ours() -> float:
                 events = _events(n)
-                start = _now()
+                start = now()
                 for event in events:
                     await transact(functools.partial(_write, event))
-                return _now() - start
+                return now() - start
 
-            return await _alternate(raw, ours, repeats, settle=_settle_durable)
+            return await alternate(raw, ours, repeats, settle=settle_durable)
     finally:
         raw_db.close()
 
@@ -247,9 +215,9 @@ async def _compare_100(
     async def raw() -> tuple[float, float]:
         events = _events(per_writer * WRITERS)
         batch = max(1, round(batching.size))
-        start = _now()
+        start = now()
         await anyio.to_thread.run_sync(raw_db.batches, events, batch)
-        return _now() - start, float(batch)
+        return now() - start, float(batch)
 
     try:
         async with Engine(os.path.join(directory, "ours-100.db"), durability=durability) as engine:
@@ -264,31 +232,17 @@ async def _compare_100(
             async def ours() -> tuple[float, float]:
                 events = _events(per_writer * WRITERS)
                 requests, batches = store.requests, store.batches
-                start = _now()
+                start = now()
                 async with anyio.create_task_group() as tg:
                     for i in range(WRITERS):
                         tg.start_soon(writer, events[i * per_writer : (i + 1) * per_writer])
-                elapsed = _now() - start
+                elapsed = now() - start
                 batching.size = (store.requests - requests) / (store.batches - batches)
                 return elapsed, batching.size
 
-            return await _alternate(raw, ours, repeats, settle=_settle_durable)
+            return await alternate(raw, ours, repeats, settle=settle_durable)
     finally:
         raw_db.close()
-
-
-def _row(label: str, measured: Measurement, unit: str, target: float | None) -> dict[str, Any]:
-    ratio = measured.ours / measured.limit
-    return {
-        "label": label,
-        "unit": unit,
-        "ours": measured.ours,
-        "limit": measured.limit,
-        "pair_ratio_min": min(measured.pair_ratios),
-        "pair_ratio_max": max(measured.pair_ratios),
-        "target": target_text(target, higher_is_better=True),
-        "met": meets(ratio, target, higher_is_better=True),
-    }
 
 
 async def durable_transact(durability: Durability, n: int, repeats: int) -> Measurement:
@@ -298,30 +252,32 @@ async def durable_transact(durability: Durability, n: int, repeats: int) -> Meas
     if writes_100 < WRITERS:
         raise ValueError(f"N must be at least {WRITERS} (one event per writer), got {n}")
     with tempfile.TemporaryDirectory(prefix="actorbus-bench-") as directory:
-        disk = fsync_latency(directory, min(FSYNC_SAMPLES, max(20, n)))
+        disk = fsync_latency(directory, n)
         raw_1, ours_1 = await _compare_1(directory, durability, writes_1, repeats)
         raw_100, ours_100 = await _compare_100(directory, durability, writes_100, repeats)
-    single = _throughput(writes_1, raw_1, ours_1)
-    group = _throughput(writes_100, [s for s, _ in raw_100], [s for s, _ in ours_100])
+    single = throughput(writes_1, raw_1, ours_1)
+    group = throughput(writes_100, [s for s, _ in raw_100], [s for s, _ in ours_100])
     batch_sizes = [size for _, size in ours_100]
     batch = median(batch_sizes)
     ours_1_rates = [writes_1 / seconds for seconds in ours_1]
     ours_100_rates = [writes_100 / seconds for seconds, _ in ours_100]
     unit = "events/s"
-    return Measurement(
-        ours=median(ours_100_rates),
-        limit=median(ours_1_rates),
-        pair_ratios=[a / b for a, b in zip(ours_100_rates, ours_1_rates, strict=True)],
-        extra={
+    return compare(
+        ours_100_rates,
+        ours_1_rates,
+        {
             "label": f"transact_100 / transact_1 ({durability})",
             "durability": durability,
             "rows": [
-                _row(f"transact_1 vs raw batch 1 ({durability})", single, unit, None),
-                _row(
-                    f"transact_100 vs raw batch {round(batch)} ({durability})",
-                    group,
-                    unit,
+                with_target(
+                    row(f"transact_1 vs raw batch 1 ({durability})", single, unit),
+                    None,
+                    higher_is_better=True,
+                ),
+                with_target(
+                    row(f"transact_100 vs raw batch {round(batch)} ({durability})", group, unit),
                     VERSUS_RAW_TARGET,
+                    higher_is_better=True,
                 ),
             ],
             "events_1": writes_1,
@@ -375,22 +331,22 @@ async def _paced(count: int, send: Callable[[int], Coroutine[Any, Any, None]]) -
     """
     interval = 1.0 / RATE
     async with anyio.create_task_group() as tg:
-        start = _now()
+        start = now()
         last = start
         for i in range(count):
-            delay = start + i * interval - _now()
+            delay = start + i * interval - now()
             if delay > 0:
                 await anyio.sleep(delay)
-            last = _now()
+            last = now()
             tg.start_soon(send, i)
     return (count - 1) / (last - start) if count > 1 and last > start else RATE
 
 
-def _handler(clock: _Clock, probe: _Probe) -> Callable[[Written], Awaitable[None]]:
+def _handler(clock: _Clock, probe: Probe) -> Callable[[Written], Awaitable[None]]:
     """The user's handler, the same function on both sides: it notes when it was entered."""
 
     async def handle(event: Written) -> None:
-        clock.latencies.append(_now() - clock.sent[event.n])
+        clock.latencies.append(now() - clock.sent[event.n])
         probe.count += 1
         if probe.count == probe.target:
             probe.done.set()
@@ -402,7 +358,7 @@ async def _latency_runs(
     directory: str, durability: Durability, n: int, repeats: int
 ) -> tuple[list[_Run], list[_Run]]:
     clock = _Clock()
-    probe = _Probe()
+    probe = Probe()
     handle = _handler(clock, probe)
     raw_db = _Raw(os.path.join(directory, "raw-latency.db"), durability)
     # The raw writer's one connection: writes queue for it, one thread at a time.
@@ -422,15 +378,15 @@ async def _latency_runs(
 
         async def send(i: int) -> None:
             event = events[i]
-            clock.sent[i] = _now()
+            clock.sent[i] = now()
             await anyio.to_thread.run_sync(raw_db.commit_one, event, limiter=raw_limiter)
-            clock.acknowledged.append(_now() - clock.sent[i])
+            clock.acknowledged.append(now() - clock.sent[i])
             send_stream.send_nowait(event)
 
         with send_stream:
             async with anyio.create_task_group() as tg:
                 await tg.start(consume)
-                await _settle_durable()
+                await settle_durable()
                 rate = await _paced(n, send)
                 with anyio.fail_after(LATENCY_TIMEOUT):
                     await probe.done.wait()
@@ -452,16 +408,16 @@ async def _latency_runs(
 
                 async def send(i: int) -> None:
                     write = functools.partial(_write, events[i])
-                    clock.sent[i] = _now()
+                    clock.sent[i] = now()
                     await transact(write)
-                    clock.acknowledged.append(_now() - clock.sent[i])
+                    clock.acknowledged.append(now() - clock.sent[i])
 
                 rate = await _paced(n, send)
                 with anyio.fail_after(LATENCY_TIMEOUT):
                     await probe.done.wait()
                 return _Run(clock.latencies, clock.acknowledged, rate)
 
-            return await _alternate(raw, ours, repeats, settle=_settle_durable)
+            return await alternate(raw, ours, repeats, settle=settle_durable)
     finally:
         raw_db.close()
 
@@ -476,7 +432,7 @@ def _ms(runs: Sequence[_Run], p: float, *, acknowledged: bool = False) -> float:
 async def commit_to_handler(durability: Durability, n: int, repeats: int) -> Measurement:
     """A durable subscription's handler, events written at RATE/s: latency in ms."""
     with tempfile.TemporaryDirectory(prefix="actorbus-bench-") as directory:
-        disk = fsync_latency(directory, min(FSYNC_SAMPLES, max(20, n)))
+        disk = fsync_latency(directory, n)
         raw_runs, ours_runs = await _latency_runs(directory, durability, n, repeats)
     pairs = list(zip(ours_runs, raw_runs, strict=True))
     p50_pairs = [_ms([o], 50) / _ms([r], 50) for o, r in pairs]
@@ -537,33 +493,30 @@ def _latency(durability: Durability) -> Callable[[int, int], Awaitable[Measureme
 
 _DURABILITIES: tuple[Durability, ...] = ("full", "normal")
 
-SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario
-    for scenario in (
-        *(
-            Scenario(
-                name=f"durable_transact_{durability}",
-                run=_transact(durability),
-                unit="events/s",
-                higher_is_better=True,
-                target=SCALING_TARGET[durability],
-                # Events per repetition of transact_100 (transact_1 writes a tenth).
-                n={"full": 10_000, "quick": 3_000, "smoke": 200},
-            )
-            for durability in _DURABILITIES
-        ),
-        *(
-            Scenario(
-                name=f"durable_commit_to_handler_{durability}",
-                run=_latency(durability),
-                unit="ms",
-                higher_is_better=False,
-                target=P99_TARGET_MS,
-                # Events per repetition, written at RATE per second.
-                n={"full": 1_000, "quick": 500, "smoke": 20},
-                absolute=True,
-            )
-            for durability in _DURABILITIES
-        ),
-    )
-}
+SCENARIOS = by_name(
+    *(
+        Scenario(
+            name=f"durable_transact_{durability}",
+            run=_transact(durability),
+            unit="events/s",
+            higher_is_better=True,
+            target=SCALING_TARGET[durability],
+            # Events per repetition of transact_100 (transact_1 writes a tenth).
+            n={"full": 10_000, "quick": 3_000, "smoke": 200},
+        )
+        for durability in _DURABILITIES
+    ),
+    *(
+        Scenario(
+            name=f"durable_commit_to_handler_{durability}",
+            run=_latency(durability),
+            unit="ms",
+            higher_is_better=False,
+            target=P99_TARGET_MS,
+            # Events per repetition, written at RATE per second.
+            n={"full": 1_000, "quick": 500, "smoke": 20},
+            absolute=True,
+        )
+        for durability in _DURABILITIES
+    ),
+)

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import os
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import pykka
@@ -39,15 +38,34 @@ from thespian.actors import (  # type: ignore[import-untyped]
 )
 from thespian.actors import ActorSystem
 
-from engine import Engine
-from engine._store import Transaction
+from engine import Engine, Transaction
 
-from ._harness import Measurement, Scenario, median, percentile
-from .scenario_actors import _STREAM_CAPACITY, _Echo, _now, _Probe, _settle, _Sink
-from .scenario_breakers import _on_asyncio
-from .scenario_durable import FSYNC_SAMPLES, Written, _settle_durable, fsync_latency
+from ._common import (
+    STREAM_CAPACITY,
+    Echo,
+    Measurement,
+    Probe,
+    Scenario,
+    Sink,
+    Written,
+    by_name,
+    compare,
+    fsync_latency,
+    median,
+    now,
+    on_asyncio,
+    percentile,
+    row,
+    settle,
+    settle_durable,
+    take_turns,
+    timed_asks,
+    timed_hand_off,
+    timed_tells,
+)
 
-_T = TypeVar("_T")
+ORDER = 60
+"""The harness runs scenario modules by ascending ORDER."""
 
 THREAD_TIMEOUT = 60.0
 """Seconds a threaded peer may wait for its last message before the repetition fails."""
@@ -62,42 +80,15 @@ _NAMES = {
 }
 
 
-async def _rounds(
-    adapters: dict[str, Callable[[], Awaitable[_T]]],
-    repeats: int,
-    *,
-    settle: Callable[[], Awaitable[None]] = _settle,
-) -> dict[str, list[_T]]:
-    """``_alternate`` for any number of adapters: one untimed round, then ``repeats`` rounds."""
-    for adapter in adapters.values():
-        await adapter()
-    names = list(adapters)
-    results: dict[str, list[_T]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            gc.collect()
-            await settle()
-            results[name].append(await adapters[name]())
-    return results
-
-
 def _row(label: str, unit: str, ours: list[float], peer: list[float]) -> dict[str, Any]:
-    pairs = [o / p for o, p in zip(ours, peer, strict=True)]
-    return {
-        "label": label,
-        "unit": unit,
-        "ours": median(ours),
-        "limit": median(peer),
-        "pair_ratio_min": min(pairs),
-        "pair_ratio_max": max(pairs),
-    }
+    return row(label, compare(ours, peer), unit)
 
 
 # --------------------------------------------------------------- thread peers
 
 
 class _ThreadProbe:
-    """``_Probe`` for a consumer in another thread: a ``threading.Event`` at the last message."""
+    """``Probe`` for a consumer in another thread: a ``threading.Event`` at the last message."""
 
     def __init__(self) -> None:
         self.arm(0)
@@ -169,11 +160,11 @@ class _Thespian:
         """N tells, timed until the actor has handled them (its count, asked after the N-th)."""
         system, sink = self.system, self.sink
         tell = system.tell
-        start = _now()
+        start = now()
         for i in range(n):
             tell(sink, i)
         count = system.ask(sink, "count", ASK_TIMEOUT)
-        elapsed = _now() - start
+        elapsed = now() - start
         if count != n:
             raise RuntimeError(f"thespian sink handled {count} of {n} messages")
         return elapsed
@@ -183,9 +174,9 @@ class _Thespian:
         latencies: list[float] = []
         record = latencies.append
         for i in range(n):
-            start = _now()
+            start = now()
             reply = ask(echo, i, ASK_TIMEOUT)
-            record(_now() - start)
+            record(now() - start)
             if reply != i:
                 raise RuntimeError(f"thespian echo answered {reply!r} to {i}")
         return latencies
@@ -194,12 +185,12 @@ class _Thespian:
 def _pykka_tell_stream(ref: pykka.ActorRef[Any], probe: _ThreadProbe, n: int) -> float:
     probe.arm(n)
     tell = ref.tell
-    start = _now()
+    start = now()
     for i in range(n):
         tell(i)
     if not probe.done.wait(THREAD_TIMEOUT):
         raise RuntimeError(f"pykka sink handled {probe.count} of {n} messages")
-    return _now() - start
+    return now() - start
 
 
 def _pykka_ask_roundtrip(ref: pykka.ActorRef[Any], n: int) -> list[float]:
@@ -207,9 +198,9 @@ def _pykka_ask_roundtrip(ref: pykka.ActorRef[Any], n: int) -> list[float]:
     latencies: list[float] = []
     record = latencies.append
     for i in range(n):
-        start = _now()
+        start = now()
         ask(i)
-        record(_now() - start)
+        record(now() - start)
     return latencies
 
 
@@ -218,30 +209,16 @@ def _pykka_ask_roundtrip(ref: pykka.ActorRef[Any], n: int) -> list[float]:
 
 async def peers_tell(n: int, repeats: int) -> Measurement:
     """scenario_actors' tell_stream: N awaited tells into one actor, on ours and each peer."""
-    on_asyncio = _on_asyncio()
+    asyncio_loop = on_asyncio()
     thespian = _Thespian()
     thread_probe = _ThreadProbe()
     await anyio.to_thread.run_sync(thespian.start)
     pykka_ref = _PykkaSink.start(thread_probe)
     try:
         async with Engine() as engine:
-            probe = _Probe()
-            ref = await engine.spawn(lambda: _Sink(probe), name="sink", capacity=_STREAM_CAPACITY)
-
-            async def ours() -> float:
-                probe.arm(n)
-
-                async def produce() -> None:
-                    tell = ref.tell
-                    for i in range(n):
-                        await tell(i)
-
-                async with anyio.create_task_group() as tg:
-                    start = _now()
-                    tg.start_soon(produce)
-                    await probe.done.wait()
-                    elapsed = _now() - start
-                return elapsed
+            probe = Probe()
+            ref = await engine.spawn(lambda: Sink(probe), name="sink", capacity=STREAM_CAPACITY)
+            ours = functools.partial(timed_tells, ref, probe, n)
 
             async def pykka_peer() -> float:
                 return await anyio.to_thread.run_sync(
@@ -252,54 +229,31 @@ async def peers_tell(n: int, repeats: int) -> Measurement:
                 return await anyio.to_thread.run_sync(thespian.tell_stream, n)
 
             async def queue_peer() -> float:
-                queue: asyncio.Queue[int] = asyncio.Queue(_STREAM_CAPACITY)
-                done = anyio.Event()
-
-                async def consume(*, task_status: TaskStatus[None]) -> None:
-                    task_status.started()
-                    get = queue.get
-                    for _ in range(n):
-                        await get()
-                    done.set()
-
-                async def produce() -> None:
-                    put = queue.put
-                    for i in range(n):
-                        await put(i)
-
-                async with anyio.create_task_group() as tg:
-                    await tg.start(consume)
-                    await _settle()
-                    start = _now()
-                    tg.start_soon(produce)
-                    await done.wait()
-                    elapsed = _now() - start
-                return elapsed
+                queue: asyncio.Queue[int] = asyncio.Queue(STREAM_CAPACITY)
+                return await timed_hand_off(queue.put, queue.get, n)
 
             adapters: dict[str, Callable[[], Awaitable[float]]] = {
                 "ours": ours,
                 "pykka": pykka_peer,
                 "thespian": thespian_peer,
             }
-            if on_asyncio:
+            if asyncio_loop:
                 adapters["asyncio_queue"] = queue_peer
-            seconds = await _rounds(adapters, repeats)
+            seconds = await take_turns(adapters, repeats)
     finally:
         pykka_ref.stop()
         await anyio.to_thread.run_sync(thespian.stop)
     rates = {name: [n / s for s in runs] for name, runs in seconds.items()}
     unit = "msgs/s"
     rows = [_row("peers_tell vs thespian", unit, rates["ours"], rates["thespian"])]
-    if on_asyncio:
+    if asyncio_loop:
         queue = rates["asyncio_queue"]
         rows.append(_row("peers_tell vs asyncio.Queue", unit, rates["ours"], queue))
-    headline = _row("peers_tell vs pykka", unit, rates["ours"], rates["pykka"])
-    return Measurement(
-        ours=headline["ours"],
-        limit=headline["limit"],
-        pair_ratios=[o / p for o, p in zip(rates["ours"], rates["pykka"], strict=True)],
-        extra={
-            "label": headline["label"],
+    return compare(
+        rates["ours"],
+        rates["pykka"],
+        {
+            "label": "peers_tell vs pykka",
             "rows": rows,
             "peers": {name: _NAMES[name] for name in rates if name != "ours"},
             "rates": {name: median(values) for name, values in rates.items()},
@@ -317,23 +271,14 @@ async def peers_tell(n: int, repeats: int) -> Measurement:
 
 async def peers_ask(n: int, repeats: int) -> Measurement:
     """scenario_actors' ask_roundtrip: N sequential asks to an echo actor, µs each."""
-    on_asyncio = _on_asyncio()
+    asyncio_loop = on_asyncio()
     thespian = _Thespian()
     await anyio.to_thread.run_sync(thespian.start)
     pykka_ref = _PykkaEcho.start()
     try:
         async with Engine() as engine:
-            echo = await engine.spawn(_Echo, name="echo")
-
-            async def ours() -> list[float]:
-                ask = echo.ask
-                latencies: list[float] = []
-                record = latencies.append
-                for i in range(n):
-                    start = _now()
-                    await ask(i)
-                    record(_now() - start)
-                return latencies
+            echo = await engine.spawn(Echo, name="echo")
+            ours = functools.partial(timed_asks, echo, n)
 
             async def pykka_peer() -> list[float]:
                 return await anyio.to_thread.run_sync(_pykka_ask_roundtrip, pykka_ref, n)
@@ -354,12 +299,12 @@ async def peers_ask(n: int, repeats: int) -> Measurement:
                 record = latencies.append
                 async with anyio.create_task_group() as tg:
                     await tg.start(serve)
-                    await _settle()
+                    await settle()
                     for i in range(n):
-                        start = _now()
+                        start = now()
                         await requests.put(i)
                         await replies.get()
-                        record(_now() - start)
+                        record(now() - start)
                     tg.cancel_scope.cancel()
                 return latencies
 
@@ -368,9 +313,9 @@ async def peers_ask(n: int, repeats: int) -> Measurement:
                 "pykka": pykka_peer,
                 "thespian": thespian_peer,
             }
-            if on_asyncio:
+            if asyncio_loop:
                 adapters["asyncio_queue"] = queue_peer
-            runs = await _rounds(adapters, repeats)
+            runs = await take_turns(adapters, repeats)
     finally:
         pykka_ref.stop()
         await anyio.to_thread.run_sync(thespian.stop)
@@ -387,9 +332,9 @@ async def peers_ask(n: int, repeats: int) -> Measurement:
     for name, label in (("thespian", "thespian"), ("asyncio_queue", "asyncio.Queue")):
         if name not in runs:
             continue
-        row = _row(f"peers_ask p50 vs {label}", unit, micros("ours", 50), micros(name, 50))
-        row["ours"], row["limit"] = overall("ours", 50), overall(name, 50)
-        rows.append(row)
+        figures = _row(f"peers_ask p50 vs {label}", unit, micros("ours", 50), micros(name, 50))
+        figures["ours"], figures["limit"] = overall("ours", 50), overall(name, 50)
+        rows.append(figures)
     return Measurement(
         ours=overall("ours", 50),
         limit=overall("pykka", 50),
@@ -432,11 +377,11 @@ class _EventStore:
 
     def writes(self, n: int) -> float:
         counter, save = self.counter, self.app.save
-        start = _now()
+        start = now()
         for i in range(n):
             counter.set(i)
             save(counter)
-        return _now() - start
+        return now() - start
 
     def close(self) -> None:
         self.app.close()
@@ -450,7 +395,7 @@ def _publish(written: Written, tx: Transaction) -> None:
 async def peers_durable_1(n: int, repeats: int) -> Measurement:
     """One writer, one event per commit (durability full): ours transact vs eventsourcing."""
     with tempfile.TemporaryDirectory(prefix="actorbus-bench-") as directory:
-        disk = fsync_latency(directory, min(FSYNC_SAMPLES, max(20, n)))
+        disk = fsync_latency(directory, n)
         store = await anyio.to_thread.run_sync(_EventStore, os.path.join(directory, "es.db"))
         try:
             async with Engine(os.path.join(directory, "ours.db"), durability="full") as engine:
@@ -458,26 +403,25 @@ async def peers_durable_1(n: int, repeats: int) -> Measurement:
 
                 async def ours() -> float:
                     events = [Written(n=i) for i in range(n)]
-                    start = _now()
+                    start = now()
                     for written in events:
                         await transact(functools.partial(_publish, written))
-                    return _now() - start
+                    return now() - start
 
                 async def peer() -> float:
                     return await anyio.to_thread.run_sync(store.writes, n)
 
-                seconds = await _rounds(
-                    {"ours": ours, "eventsourcing": peer}, repeats, settle=_settle_durable
+                seconds = await take_turns(
+                    {"ours": ours, "eventsourcing": peer}, repeats, settle=settle_durable
                 )
         finally:
             await anyio.to_thread.run_sync(store.close)
     ours_rates = [n / s for s in seconds["ours"]]
     peer_rates = [n / s for s in seconds["eventsourcing"]]
-    return Measurement(
-        ours=median(ours_rates),
-        limit=median(peer_rates),
-        pair_ratios=[o / p for o, p in zip(ours_rates, peer_rates, strict=True)],
-        extra={
+    return compare(
+        ours_rates,
+        peer_rates,
+        {
             "label": "peers_durable_1 transact vs eventsourcing (full)",
             "peers": {"eventsourcing": _NAMES["eventsourcing"]},
             "durability": "full",
@@ -489,32 +433,29 @@ async def peers_durable_1(n: int, repeats: int) -> Measurement:
     )
 
 
-SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario
-    for scenario in (
-        Scenario(
-            name="peers_tell",
-            run=peers_tell,
-            unit="msgs/s",
-            higher_is_better=True,
-            target=None,
-            n={"full": 20_000, "quick": 5_000, "smoke": 100},
-        ),
-        Scenario(
-            name="peers_ask",
-            run=peers_ask,
-            unit="µs",
-            higher_is_better=False,
-            target=None,
-            n={"full": 5_000, "quick": 1_000, "smoke": 50},
-        ),
-        Scenario(
-            name="peers_durable_1",
-            run=peers_durable_1,
-            unit="events/s",
-            higher_is_better=True,
-            target=None,
-            n={"full": 1_000, "quick": 300, "smoke": 20},
-        ),
-    )
-}
+SCENARIOS = by_name(
+    Scenario(
+        name="peers_tell",
+        run=peers_tell,
+        unit="msgs/s",
+        higher_is_better=True,
+        target=None,
+        n={"full": 20_000, "quick": 5_000, "smoke": 100},
+    ),
+    Scenario(
+        name="peers_ask",
+        run=peers_ask,
+        unit="µs",
+        higher_is_better=False,
+        target=None,
+        n={"full": 5_000, "quick": 1_000, "smoke": 50},
+    ),
+    Scenario(
+        name="peers_durable_1",
+        run=peers_durable_1,
+        unit="events/s",
+        higher_is_better=True,
+        target=None,
+        n={"full": 1_000, "quick": 300, "smoke": 20},
+    ),
+)

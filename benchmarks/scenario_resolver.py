@@ -5,7 +5,8 @@ hit, answered in the caller's task) with a ``TenantKey`` and with a raw slug
 string, which the resolver validates first, beside the floor of any async cache:
 a plain dict lookup inside an ``async def``, awaited the same way (``await
 lookup(key)``, keyed by the same ``TenantKey``). The three take turns block by
-block in one event loop (see ``_rounds``), ours with its engine running.
+block in one event loop (see ``_common.take_turns_in_blocks``), ours with its
+engine running.
 
 ``resolver_cold_1000`` starts 1,000 tasks that each resolve the same cold key
 at once, with a loader that sleeps ``LOAD_SLEEP`` before returning: the resolver
@@ -18,20 +19,29 @@ flight on bare anyio (the first caller loads, the others wait on one
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 
 from engine import Engine, TenantKey
 
-from ._harness import Measurement, Scenario, median
-from .scenario_actors import _now, _settle
+from ._common import (
+    Measurement,
+    Scenario,
+    by_name,
+    compare,
+    median,
+    now,
+    row,
+    settle,
+    take_turns,
+    take_turns_in_blocks,
+    timed_awaits,
+)
 
-BLOCK = 500
-"""Resolves per timed block of ``resolver_cached``; its adapters take turns block by block."""
+ORDER = 50
+"""The harness runs scenario modules by ascending ORDER."""
 SLUG = "acme"
 """The tenant both scenarios resolve (a raw slug; ``TenantKey.slug(SLUG)`` is its key)."""
 LOAD_SLEEP = 0.005
@@ -49,48 +59,9 @@ class _Tenant:
         self.key = key
 
 
-Adapter = Callable[[int], Awaitable[float]]
-"""``adapter(count)``: make ``count`` resolves (or lookups), return the seconds they took."""
-
-
-async def _rounds(adapters: dict[str, Adapter], n: int, repeats: int) -> dict[str, list[float]]:
-    """Nanoseconds per resolve of each adapter, one figure per repetition of about n resolves.
-
-    As the breaker scenario measures: a repetition runs the adapters in blocks of
-    ``BLOCK`` calls, one block of each in turn (reversed every other turn), and its
-    figure is the median block; the loop gets an untimed turn between blocks.
-    """
-    # One untimed round first: first-call caches and lazy imports land nowhere.
-    for adapter in adapters.values():
-        await adapter(BLOCK)
-    names = list(adapters)
-    per_call: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        gc.collect()
-        await _settle()
-        blocks: dict[str, list[float]] = {name: [] for name in names}
-        for block in range(max(1, n // BLOCK)):
-            for name in names if block % 2 == 0 else reversed(names):
-                blocks[name].append(await adapters[name](BLOCK))
-                await anyio.lowlevel.checkpoint()
-        for name in names:
-            per_call[name].append(median(blocks[name]) / BLOCK * 1e9)
-    return per_call
-
-
-def _rate_row(label: str, ours_ns: list[float], limit_ns: list[float]) -> dict[str, Any]:
-    """A row of resolves/s from ns per resolve (higher is better)."""
-    ours = [1e9 / ns for ns in ours_ns]
-    limit = [1e9 / ns for ns in limit_ns]
-    pairs = [o / lim for o, lim in zip(ours, limit, strict=True)]
-    return {
-        "label": label,
-        "unit": "resolves/s",
-        "ours": median(ours),
-        "limit": median(limit),
-        "pair_ratio_min": min(pairs),
-        "pair_ratio_max": max(pairs),
-    }
+def _rates(ns: list[float]) -> list[float]:
+    """Resolves per second of each repetition, from its ns per resolve."""
+    return [1e9 / cost for cost in ns]
 
 
 async def resolver_cached(n: int, repeats: int) -> Measurement:
@@ -109,29 +80,14 @@ async def resolver_cached(n: int, repeats: int) -> Measurement:
         resolver = await engine.tenant_resolver(load, ttl=TTL, negative_ttl=TTL)
         await resolver.resolve(key)  # the one load: every resolve timed below is a hit
 
-        async def dict_lookup(count: int) -> float:
-            get = lookup
-            start = _now()
-            for _ in range(count):
-                await get(key)
-            return _now() - start
-
-        async def ours_key(count: int) -> float:
-            resolve = resolver.resolve
-            start = _now()
-            for _ in range(count):
-                await resolve(key)
-            return _now() - start
-
-        async def ours_str(count: int) -> float:
-            resolve, slug = resolver.resolve, SLUG
-            start = _now()
-            for _ in range(count):
-                await resolve(slug)
-            return _now() - start
-
-        per_call = await _rounds(
-            {"dict_lookup": dict_lookup, "ours_key": ours_key, "ours_str": ours_str}, n, repeats
+        per_call = await take_turns_in_blocks(
+            {
+                "dict_lookup": timed_awaits(lookup, key),
+                "ours_key": timed_awaits(resolver.resolve, key),
+                "ours_str": timed_awaits(resolver.resolve, SLUG),
+            },
+            n,
+            repeats,
         )
         statistics = resolver.statistics()
     if statistics.loads != 1 or statistics.misses != 1:
@@ -140,39 +96,25 @@ async def resolver_cached(n: int, repeats: int) -> Measurement:
             f"{statistics.loads} loads; expected 1 of each, from the warm-up)"
         )
     floor, by_key, by_str = per_call["dict_lookup"], per_call["ours_key"], per_call["ours_str"]
-    headline = _rate_row("resolver_cached TenantKey vs dict lookup", by_key, floor)
-    rows = [_rate_row("resolver_cached str (validated) vs dict lookup", by_str, floor)]
-    return Measurement(
-        ours=headline["ours"],
-        limit=headline["limit"],
-        pair_ratios=[lim / o for o, lim in zip(by_key, floor, strict=True)],
-        extra={
-            "label": headline["label"],
-            "rows": rows,
+    key_rates, str_rates, floor_rates = _rates(by_key), _rates(by_str), _rates(floor)
+    str_row = row(
+        "resolver_cached str (validated) vs dict lookup",
+        compare(str_rates, floor_rates),
+        "resolves/s",
+    )
+    return compare(
+        key_rates,
+        floor_rates,
+        {
+            "label": "resolver_cached TenantKey vs dict lookup",
+            "rows": [str_row],
             "ns_per_call": {name: median(costs) for name, costs in per_call.items()},
-            "ratio_key": headline["ours"] / headline["limit"],
-            "ratio_str": rows[0]["ours"] / rows[0]["limit"],
+            "ratio_key": median(key_rates) / median(floor_rates),
+            "ratio_str": str_row["ours"] / str_row["limit"],
             "validate_ns": median([s - k for s, k in zip(by_str, by_key, strict=True)]),
             "hits": statistics.hits,
         },
     )
-
-
-async def _turns(
-    adapters: dict[str, Callable[[], Awaitable[float]]], repeats: int
-) -> dict[str, list[float]]:
-    """Seconds of each adapter per repetition; the order is reversed every other repetition."""
-    # One untimed round first, as everywhere else.
-    for adapter in adapters.values():
-        await adapter()
-    names = list(adapters)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            gc.collect()
-            await _settle()
-            seconds[name].append(await adapters[name]())
-    return seconds
 
 
 async def _concurrently(
@@ -193,14 +135,14 @@ async def _concurrently(
         await gate.wait()
         answers.append(await fetch())
         if len(answers) == n:
-            finished = _now()
+            finished = now()
             done.set()
 
     async with anyio.create_task_group() as tg:
         for _ in range(n):
             tg.start_soon(caller)
-        await _settle()
-        start = _now()
+        await settle()
+        start = now()
         gate.set()
         await done.wait()
     return start, finished, answers
@@ -224,7 +166,7 @@ async def resolver_cold_1000(n: int, repeats: int) -> Measurement:
     async def load(key: TenantKey) -> _Tenant:
         nonlocal calls, called_at
         calls += 1
-        called_at = _now()
+        called_at = now()
         await anyio.sleep(LOAD_SLEEP)
         return _Tenant(key)
 
@@ -238,9 +180,9 @@ async def resolver_cold_1000(n: int, repeats: int) -> Measurement:
         resolve = resolver.resolve
 
         async def loader_alone() -> float:
-            start = _now()
+            start = now()
             await load(key)
-            return _now() - start
+            return now() - start
 
         async def single_flight() -> float:
             flights: dict[TenantKey, anyio.Event] = {}
@@ -290,7 +232,7 @@ async def resolver_cold_1000(n: int, repeats: int) -> Measurement:
             load_start_ms.append((called_at - start) * 1e3)
             return finished - start
 
-        seconds = await _turns(
+        seconds = await take_turns(
             {"loader_alone": loader_alone, "single_flight": single_flight, "ours": ours}, repeats
         )
     # The untimed warm-up round's figures are checked but not reported.
@@ -316,20 +258,12 @@ async def resolver_cold_1000(n: int, repeats: int) -> Measurement:
             "pair_ratio_min": min(coalesced) / (n - 1),
             "pair_ratio_max": max(coalesced) / (n - 1),
         },
-        {
-            "label": "resolver_cold_1000 vs single flight on one anyio.Event",
-            "unit": "ms",
-            "ours": median(ours_ms),
-            "limit": median(raw),
-            "pair_ratio_min": min(o / r for o, r in zip(ours_ms, raw, strict=True)),
-            "pair_ratio_max": max(o / r for o, r in zip(ours_ms, raw, strict=True)),
-        },
+        row("resolver_cold_1000 vs single flight on one anyio.Event", compare(ours_ms, raw), "ms"),
     ]
-    return Measurement(
-        ours=median(ours_ms),
-        limit=median(alone),
-        pair_ratios=[o / a for o, a in zip(ours_ms, alone, strict=True)],
-        extra={
+    return compare(
+        ours_ms,
+        alone,
+        {
             "label": f"resolver_cold_1000 vs the loader alone ({LOAD_SLEEP * 1e3:g} ms sleep)",
             "rows": rows,
             "concurrent": n,
@@ -346,25 +280,22 @@ async def resolver_cold_1000(n: int, repeats: int) -> Measurement:
     )
 
 
-SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario
-    for scenario in (
-        Scenario(
-            name="resolver_cached",
-            run=resolver_cached,
-            unit="resolves/s",
-            higher_is_better=True,
-            target=None,
-            n={"full": 100_000, "quick": 25_000, "smoke": 2_000},
-        ),
-        Scenario(
-            name="resolver_cold_1000",
-            run=resolver_cold_1000,
-            unit="ms",
-            higher_is_better=False,
-            target=None,
-            # N is the number of concurrent resolves: 1,000 in every mode.
-            n={"full": 1_000, "quick": 1_000, "smoke": 1_000},
-        ),
-    )
-}
+SCENARIOS = by_name(
+    Scenario(
+        name="resolver_cached",
+        run=resolver_cached,
+        unit="resolves/s",
+        higher_is_better=True,
+        target=None,
+        n={"full": 100_000, "quick": 25_000, "smoke": 2_000},
+    ),
+    Scenario(
+        name="resolver_cold_1000",
+        run=resolver_cold_1000,
+        unit="ms",
+        higher_is_better=False,
+        target=None,
+        # N is the number of concurrent resolves: 1,000 in every mode.
+        n={"full": 1_000, "quick": 1_000, "smoke": 1_000},
+    ),
+)
