@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -12,8 +13,8 @@ from engine._actor import Actor
 from engine._breaker import CircuitBreaker, CircuitState, ForceOpen, Generation, Moved, Reset
 from engine._errors import EngineError
 
-if TYPE_CHECKING:
-    from engine._engine import Engine
+StartTask = Callable[..., None]
+"""``runtime.start_task``: runs ``fn(*args)`` in the engine's task group (``name=``)."""
 
 __all__ = ["BreakerActor"]
 
@@ -31,9 +32,9 @@ class BreakerActor(Actor):
     user's controls.
     """
 
-    def __init__(self, engine: Engine, breaker: CircuitBreaker) -> None:
-        self.engine = engine
+    def __init__(self, breaker: CircuitBreaker, start_task: StartTask) -> None:
         self.breaker = breaker
+        self.start_task = start_task
         self.timer: anyio.CancelScope | None = None
         # The OPEN generation the timer runs for.
         self.timed: Generation | None = None
@@ -87,7 +88,7 @@ class BreakerActor(Actor):
             scope = anyio.CancelScope()
             self.timer = scope
             self.timed = generation
-            self.engine._task_group.start_soon(
+            self.start_task(
                 self._half_open_after, scope, generation, name=f"breaker {breaker.name} timer"
             )
 

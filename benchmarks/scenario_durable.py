@@ -108,9 +108,9 @@ def _write(event: Written, tx: Transaction) -> None:
 
 
 def _store(engine: Engine) -> Store:
-    store = engine._store
-    assert store is not None
-    return store
+    outbox = engine._outbox  # the batch counts are the store's own
+    assert outbox is not None
+    return outbox.store
 
 
 async def _open(engine: Engine) -> None:

@@ -9,7 +9,6 @@ from . import validation as validation
 from ._actor import Actor as Actor
 from ._actor import ActorRef as ActorRef
 from ._backpressure import BackpressureConfig as BackpressureConfig
-from ._backpressure import BackpressureController as BackpressureController
 from ._backpressure import BackpressureError as BackpressureError
 from ._backpressure import BackpressureMetrics as BackpressureMetrics
 from ._backpressure import BackpressureState as BackpressureState
@@ -23,7 +22,6 @@ from ._cancel import StrayCancellation as StrayCancellation
 from ._deadletters import DeadLetter as DeadLetter
 from ._deadletters import DeadLetters as DeadLetters
 from ._engine import Engine as Engine
-from ._engine import EngineMetrics as EngineMetrics
 from ._errors import ActorStopped as ActorStopped
 from ._errors import AskTimeout as AskTimeout
 from ._errors import EngineError as EngineError
@@ -33,7 +31,12 @@ from ._events import Event as Event
 from ._events import EventDecodeError as EventDecodeError
 from ._events import EventValidationError as EventValidationError
 from ._events import ValidationErrorKind as ValidationErrorKind
+from ._metrics import EngineMetrics as EngineMetrics
+from ._resolver import ResolverStatistics as ResolverStatistics
+from ._resolver import TenantResolver as TenantResolver
+from ._routing import SubscriptionRef as SubscriptionRef
 from ._store import StorageError as StorageError
+from ._store import StorageMetrics as StorageMetrics
 from ._store import Transaction as Transaction
 from ._store import TransactionControlRefused as TransactionControlRefused
 from ._store import TransactionEnded as TransactionEnded
@@ -56,7 +59,6 @@ __all__ = [
     "ActorStopped",
     "AskTimeout",
     "BackpressureConfig",
-    "BackpressureController",
     "BackpressureError",
     "BackpressureMetrics",
     "BackpressureState",
@@ -78,13 +80,17 @@ __all__ = [
     "MailboxFull",
     "Overflow",
     "Restart",
+    "ResolverStatistics",
     "StorageError",
+    "StorageMetrics",
     "Strategy",
     "StrayCancellation",
     "SupervisorEscalation",
+    "SubscriptionRef",
     "SupervisorRef",
     "TenantKey",
     "TenantNotFound",
+    "TenantResolver",
     "TenantValidationError",
     "Transaction",
     "TransactionControlRefused",

@@ -7,21 +7,26 @@ import enum
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
 
 from ._cancel import as_failure
-from ._deadletters import DeadLetterReason
 from ._errors import ActorStopped, AskTimeout, EngineError, MailboxFull
-from ._types import ActorState, ActorStatistics, Overflow, Restart, check_timeout
+from ._types import (
+    ActorState,
+    ActorStatistics,
+    DeadLetterReason,
+    Overflow,
+    Restart,
+    check_timeout,
+)
 
 if TYPE_CHECKING:
-    from ._engine import Engine
     from ._supervision import Supervisor
 
-__all__ = ["Actor", "ActorRef"]
+__all__ = ["Actor", "ActorRef", "bind"]
 
 logger = logging.getLogger("actorbus.actor")
 
@@ -77,6 +82,12 @@ class Actor:
             cell.request("self_stop")
 
 
+def bind(actor: Actor, cell: Cell | None) -> None:
+    """Make ``actor`` run in ``cell`` (its ``ref`` and ``stop`` then work)."""
+    # The runtime fills the slot the Actor base class declares for it.
+    actor._actorbus_cell = cell
+
+
 class _Ask:
     """One ``ask`` in a mailbox: the message and the asker's side of the reply.
 
@@ -103,6 +114,55 @@ class _Ask:
             self.done = True
             self.error = error
             self.event.set()
+
+
+class DeadLetterSink(Protocol):
+    """Where a cell records what it could not deliver."""
+
+    def add(
+        self,
+        actor: str,
+        message: Any,
+        reason: DeadLetterReason,
+        *,
+        error: BaseException | None = ...,
+        attempts: int = ...,
+    ) -> None: ...
+
+
+class Track(Protocol):
+    """The owner's bookkeeping of what a cell was handed (a durable subscription's
+    position per partition); the cell only carries it."""
+
+    def sent(self, seq: int) -> None: ...
+
+    def finish(self, seq: int) -> None: ...
+
+
+class Host(Protocol):
+    """What a cell needs of the runtime that hosts it (``engine._runtime.Runtime``)."""
+
+    accepting: bool
+    """True while work from outside the engine is taken."""
+    dead_letters: DeadLetterSink
+
+    @property
+    def closing(self) -> bool:
+        """The engine is shutting down."""
+        ...
+
+    def busy(self) -> None:
+        """One more cell has work (the shutdown drain waits for it)."""
+
+    def idle(self) -> None:
+        """One cell has no more work."""
+
+    def refuse(self) -> NoReturn:
+        """Raise the error for work from outside while the engine does not take it."""
+        ...
+
+    def forget(self, child: Cell | Supervisor) -> None:
+        """Unregister a stopped cell's (or supervisor's) name."""
 
 
 class Tracked:
@@ -229,7 +289,7 @@ class Cell:
 
     def __init__(
         self,
-        engine: Engine,
+        host: Host,
         supervisor: Supervisor,
         factory: Callable[[], Actor],
         *,
@@ -239,7 +299,7 @@ class Cell:
         restart: Restart,
         max_attempts: int,
     ) -> None:
-        self.engine = engine
+        self.host = host
         self.supervisor = supervisor
         self.factory = factory
         self.name = name
@@ -251,7 +311,7 @@ class Cell:
         # Whose name a dead letter carries: a subscription's partitions use the subscription's.
         self.dead_letter_name = name
         # A durable subscription partition's position tracker (None otherwise).
-        self.track: Any = None
+        self.track: Track | None = None
 
         self.queue: collections.deque[Any] = collections.deque()
         self.senders: collections.deque[anyio.Event] = collections.deque()
@@ -260,11 +320,11 @@ class Cell:
         self.closed = False
         # True while anyone may queue without further checks: not closed and
         # the engine takes work from outside (the fast path of try_tell).
-        self.open = engine._accepting
+        self.open = host.accepting
         # Waiting for messages with an empty mailbox: the engine's drain ends
         # when no cell is busy.
         self.idle = False
-        engine._busy += 1
+        host.busy()
         self.instance: Actor | None = None
         self.current: Any = None
         self.retry: tuple[Any, int, BaseException] | None = None
@@ -297,8 +357,8 @@ class Cell:
         """Queue ``item`` if the mailbox allows it; False means "would block"."""
         if self.closed:
             raise ActorStopped(f"actor {self.name!r} is stopped")
-        if not self.engine._accepting and current_cell.get() is None:
-            self.engine._refuse()
+        if not self.host.accepting and current_cell.get() is None:
+            self.host.refuse()
         queue = self.queue
         if len(queue) >= self.capacity:
             overflow = self.overflow
@@ -345,7 +405,7 @@ class Cell:
         if wakeup is not None:
             self.wakeup = None
             self.idle = False
-            self.engine._busy += 1
+            self.host.busy()
             wakeup.set()
 
     def dead_letter(
@@ -360,7 +420,7 @@ class Cell:
         if isinstance(message, Tracked):
             message.dead_letter(self, reason, error, attempts)
         else:
-            self.engine.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
+            self.host.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
         if ask is not None:
             if reason == "failed" and error is not None:
                 ask.set_error(error)
@@ -462,7 +522,7 @@ class Cell:
                 f"actor factory for {self.name!r} must return an Actor, "
                 f"got {type(instance).__name__}"
             )
-        instance._actorbus_cell = self
+        bind(instance, self)
         self.self_stop = False
         self.interrupt = self.stop_requested
         if cause is not None:
@@ -489,7 +549,7 @@ class Cell:
         receive = instance.receive
         queue = self.queue
         senders = self.senders
-        engine = self.engine
+        host = self.host
         batch = 0
         with anyio.CancelScope() as scope:
             self.loop_scope = scope
@@ -509,7 +569,7 @@ class Cell:
                 else:
                     batch = 0
                     self.idle = True
-                    engine._cell_idle()
+                    host.idle()
                     wakeup = self.wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
@@ -595,9 +655,9 @@ class Cell:
         self.state = ActorState.STOPPED
         if not self.idle:
             self.idle = True
-            self.engine._cell_idle()
+            self.host.idle()
         reason = self.stop_reason
-        if self.engine._closing:
+        if self.host.closing:
             reason = "shutdown"
         if self.current is not None:
             item, self.current = self.current, None
@@ -610,7 +670,7 @@ class Cell:
             self.dead_letter(self.queue.popleft(), reason)
         while self.senders:
             self.senders.popleft().set()
-        self.engine._forget(self)
+        self.host.forget(self)
         self.supervisor.forget(self)
         self.paused.set()
         self.started.set()

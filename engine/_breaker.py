@@ -18,19 +18,19 @@ import contextlib
 import enum
 import math
 from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import msgspec
 
+from ._actor import Actor, ActorRef
 from ._cancel import is_stray_cancellation
 from ._errors import EngineError
-
-if TYPE_CHECKING:
-    from ._actor import ActorRef
+from ._runtime import RESERVED_PREFIX, Runtime
 
 __all__ = [
     "BreakerMetrics",
+    "BreakerRegistry",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitOpenError",
@@ -337,6 +337,10 @@ class CircuitBreaker:
                 return
         self._move(_OPEN)
 
+    def attach(self, actor: ActorRef[Any]) -> None:
+        """Its breaker actor runs: transitions and controls go to it from now on."""
+        self._actor = actor
+
     def _move(self, state: CircuitState) -> None:
         """A caller's outcome crossed a threshold: publish ``state`` now, then tell the actor."""
         generation = self.publish(state)
@@ -390,3 +394,53 @@ class CircuitBreaker:
             success_rate=self._successes / outcomes if outcomes else 1.0,
             rejection_rate=self._rejected / self._requests if self._requests else 0.0,
         )
+
+
+class BreakerRegistry:
+    """One breaker per dependency name, each backed by a breaker actor.
+
+    Breakers asked for before the engine runs start their actors with it.
+    """
+
+    def __init__(
+        self, runtime: Runtime, make_actor: Callable[[CircuitBreaker], Callable[[], Actor]]
+    ) -> None:
+        self._runtime = runtime
+        self._make_actor = make_actor
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def get(self, name: str, config: CircuitBreakerConfig | None) -> CircuitBreaker:
+        """The breaker for ``name`` (made on first use; ``ValueError`` for another config)."""
+        if config is None:
+            config = CircuitBreakerConfig()
+        elif not isinstance(config, CircuitBreakerConfig):
+            raise TypeError(f"config must be a CircuitBreakerConfig, got {type(config).__name__}")
+        existing = self._breakers.get(name)
+        if existing is not None:
+            if existing.config != config:
+                raise ValueError(
+                    f"breaker {name!r} exists with another config: {existing.config!r}"
+                )
+            return existing
+        runtime = self._runtime
+        if runtime.closing:
+            runtime.refuse()
+        breaker = CircuitBreaker(name, config)
+        if runtime.running:
+            self._start(breaker)
+        self._breakers[name] = breaker
+        return breaker
+
+    def start(self) -> None:
+        """The engine runs: start the actors of the breakers made before."""
+        for breaker in self._breakers.values():
+            self._start(breaker)
+
+    def _start(self, breaker: CircuitBreaker) -> None:
+        cell = self._runtime.start_builtin_soon(
+            self._make_actor(breaker), name=f"{RESERVED_PREFIX}breaker.{breaker.name}", capacity=64
+        )
+        breaker.attach(cell.ref)
+
+    def metrics(self) -> dict[str, BreakerMetrics]:
+        return {name: breaker.metrics() for name, breaker in self._breakers.items()}

@@ -9,20 +9,18 @@ import sqlite3
 import traceback as tb_module
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import msgspec
 
 from ._errors import EngineError
-
-if TYPE_CHECKING:
-    from ._store import Store
+from ._events import Event, decode, encode
+from ._store import Request, Store, event_tag
+from ._types import DeadLetterReason
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
 logger = logging.getLogger("actorbus.deadletters")
-
-DeadLetterReason = Literal["failed", "dropped", "stopped", "shutdown"]
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,8 +205,6 @@ class DeadLetters:
             if then is not None:
                 then()
             return
-        from ._store import Request
-
         pending = self._letter(0, actor, message, reason, error, attempts, seq)
 
         def written(request: Request) -> None:
@@ -348,8 +344,6 @@ class DeadLetters:
         """Delete every stored dead letter; returns how many there were."""
         store = self._store
         if store is not None:
-            from ._store import Request
-
             n = self._count
             newest = self._newest
             # Rows that commit after this are newer: they stay, and are counted.
@@ -378,9 +372,6 @@ _INSERT = (
 
 def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | None = None) -> int:
     """Insert ``letter`` (its ``id`` is ignored); returns the id SQLite gave it."""
-    from ._events import Event, encode
-    from ._store import event_tag
-
     message = letter.message
     event_id = None
     if isinstance(message, Event):
@@ -454,8 +445,6 @@ def from_row(
     attempts: int,
     at: float,
 ) -> DeadLetter:
-    from ._events import decode
-
     message: Any = payload
     if payload is not None:
         try:

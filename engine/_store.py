@@ -19,7 +19,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -151,6 +151,23 @@ def storage_fault_in(error: BaseException) -> BaseException | None:
     return None
 
 
+def check_path(database: object) -> str | None:
+    """``Engine``'s ``database`` argument: a file path (as a ``str``) or None."""
+    if database is None:
+        return None
+    if not isinstance(database, str | os.PathLike):
+        raise TypeError(f"database must be a path or None, got {type(database).__name__}")
+    path = os.fspath(database)
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ValueError(f"database must be a file path, got {path!r}")
+    if path == ":memory:" or path.startswith("file:"):
+        raise ValueError(
+            f"database must be a file path, got {path!r}: the outbox needs a file "
+            "its connections share (use Engine() for events in memory)"
+        )
+    return path
+
+
 def check_database(path: str) -> None:
     """Refuse a file that is not an actorbus database, before anything changes in it.
 
@@ -260,15 +277,29 @@ def ensure_schema(
         raise
 
 
+class _Guard:
+    """The writer thread's view of a running transact function: what it may not do."""
+
+    __slots__ = ("active", "denied", "token")
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        # A user's function runs: the authorizer and the guarded connection refuse.
+        self.active = False
+        # The authorizer refused one of its statements.
+        self.denied = False
+
+
 class Transaction:
-    """What a ``transact`` function gets: ``tx.db`` and ``tx.publish(event)``.
+    """What a ``transact`` function gets: ``tx.db``, ``tx.conn``, ``tx.publish(event)``
+    and ``tx.savepoint()``.
 
     ``tx.db`` is a ``sqlite_utils.Database`` on the engine's transaction; its
     writes commit (or roll back) together with the events published here.
     Committing or rolling back from inside is refused.
     """
 
-    __slots__ = ("_events", "_now", "_raw", "conn", "db")
+    __slots__ = ("_depth", "_events", "_now", "_raw", "conn", "db")
 
     def __init__(
         self, raw: sqlite3.Connection, conn: Any, db: sqlite_utils.Database, now: float
@@ -279,15 +310,18 @@ class Transaction:
         """The connection (guarded: it refuses statements once the transaction ended)."""
         self.db = db
         self._events: list[tuple[int, Event]] = []
+        self._depth = 0
+
+    @property
+    def published(self) -> list[tuple[int, Event]]:
+        """``(seq, event)`` of every event published in this transaction so far."""
+        return list(self._events)
 
     def publish(self, event: Event) -> int:
         """Validate ``event`` and append it to the outbox in this transaction; returns its seq."""
         if not isinstance(event, Event):
             raise TypeError(f"tx.publish takes an Event, got {type(event).__name__}")
         event.validate()
-        return self._append(event)
-
-    def _append(self, event: Event) -> int:
         raw = self._raw
         if not raw.in_transaction:
             raise _ended()
@@ -307,6 +341,47 @@ class Transaction:
         self._events.append((seq, event))
         return seq
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested part of the transaction: if the block raises, what it wrote and
+        published rolls back (the rest of the transaction stays) and the error goes on."""
+        raw = self._raw
+        name = f"actorbus_nested_{self._depth}"
+        raw.execute(f"SAVEPOINT {name}")
+        published = len(self._events)
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            del self._events[published:]
+            if raw.in_transaction:  # a statement may have destroyed the transaction
+                raw.execute(f"ROLLBACK TO {name}")
+                raw.execute(f"RELEASE {name}")
+            raise
+        else:
+            raw.execute(f"RELEASE {name}")
+        finally:
+            self._depth -= 1
+
+
+_ASYNC_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_NOT_ASYNC: Final = (
+    "transact runs a plain function `def fn(tx)` in the database thread, not a coroutine "
+    "function: got {fn!r}"
+)
+
+
+def check_transact_function(fn: object) -> None:
+    """``transact``'s argument: a plain function of the transaction, not a coroutine function."""
+    code = getattr(fn, "__code__", None)
+    if code is not None:  # a plain function: the cheap check
+        if code.co_flags & _ASYNC_FLAGS:
+            raise TypeError(_NOT_ASYNC.format(fn=fn))
+    elif not callable(fn):
+        raise TypeError(f"transact takes a function of the transaction, got {fn!r}")
+    elif inspect.iscoroutinefunction(fn):
+        raise TypeError(_NOT_ASYNC.format(fn=fn))
+
 
 def _ended() -> TransactionEnded:
     return TransactionEnded(
@@ -323,68 +398,68 @@ class _GuardedConnection:
     mode, each committed on its own; while a function runs this refuses them.
     """
 
-    __slots__ = ("_conn", "_store")
+    __slots__ = ("guard", "raw")
 
-    def __init__(self, conn: sqlite3.Connection, store: Store) -> None:
-        self._conn = conn
-        self._store = store
+    def __init__(self, raw: sqlite3.Connection, guard: _Guard) -> None:
+        self.raw = raw
+        self.guard = guard
 
-    def _check(self, sql: str) -> None:
-        store = self._store
-        if store._guarded:
-            if not self._conn.in_transaction:
+    def check_statement(self, sql: str) -> None:
+        guard = self.guard
+        if guard.active:
+            if not self.raw.in_transaction:
                 raise _ended()
-            if isinstance(sql, str) and store._token in sql:
+            if isinstance(sql, str) and guard.token in sql:
                 # The authorizer cannot catch a cached copy of the engine's own statement.
                 raise TransactionControlRefused(
                     "a transact function may not use the engine's own savepoint or transaction"
                 )
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        self._check(sql)
-        return self._conn.execute(sql, parameters)
+        self.check_statement(sql)
+        return self.raw.execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        self._check(sql)
-        return self._conn.executemany(sql, parameters)
+        self.check_statement(sql)
+        return self.raw.executemany(sql, parameters)
 
     def executescript(self, script: str, /) -> sqlite3.Cursor:
-        if self._store._guarded:
+        if self.guard.active:
             raise TransactionControlRefused(
                 "executescript commits first, so a transact function may not use it; "
                 "run the statements one by one with execute"
             )
-        return self._conn.executescript(script)
+        return self.raw.executescript(script)
 
     def cursor(self) -> _GuardedCursor:
         return _GuardedCursor(self)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
+        return getattr(self.raw, name)
 
 
 class _GuardedCursor:
-    __slots__ = ("_cursor", "_guard")
+    __slots__ = ("connection", "cursor")
 
-    def __init__(self, guard: _GuardedConnection) -> None:
-        self._guard = guard
-        self._cursor = guard._conn.cursor()
+    def __init__(self, connection: _GuardedConnection) -> None:
+        self.connection = connection
+        self.cursor = connection.raw.cursor()
 
     def execute(self, sql: str, parameters: Any = (), /) -> _GuardedCursor:
-        self._guard._check(sql)
-        self._cursor.execute(sql, parameters)
+        self.connection.check_statement(sql)
+        self.cursor.execute(sql, parameters)
         return self
 
     def executemany(self, sql: str, parameters: Any, /) -> _GuardedCursor:
-        self._guard._check(sql)
-        self._cursor.executemany(sql, parameters)
+        self.connection.check_statement(sql)
+        self.cursor.executemany(sql, parameters)
         return self
 
     def __iter__(self) -> Any:
-        return iter(self._cursor)
+        return iter(self.cursor)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._cursor, name)
+        return getattr(self.cursor, name)
 
 
 class Request:
@@ -537,7 +612,7 @@ class Store:
         self._db: sqlite_utils.Database | None = None
         self._guarded_conn: _GuardedConnection | None = None
         token = secrets.token_hex(8)
-        self._token = token
+        self._guard = _Guard(token)
         # Names only this store knows. sqlite3 caches prepared statements by
         # their text and the authorizer runs only when one is prepared: a
         # function's COMMIT or RELEASE must never reuse the engine's own,
@@ -559,8 +634,6 @@ class Store:
         self._pending = 0
         self._closing = False
         self._close_deadline = math.inf
-        self._guarded = False
-        self._denied = False
         self._health = _Health(path)
         self.batches = 0
         """Transactions committed by the writer (each holds one or more requests)."""
@@ -656,7 +729,7 @@ class Store:
         writer.set_authorizer(self._authorize)
         self._writer = writer
         self._reader = reader
-        guarded = _GuardedConnection(writer, self)
+        guarded = _GuardedConnection(writer, self._guard)
         self._guarded_conn = guarded
         self._db = sqlite_utils.Database(cast(sqlite3.Connection, guarded))
         return head
@@ -882,11 +955,12 @@ class Store:
         # While a user's function runs, it may not end the engine's transaction
         # (COMMIT/ROLLBACK/BEGIN) or touch the engine's savepoint: that would
         # commit or discard the other callers' work in the batch behind their backs.
-        if self._guarded and (
+        guard = self._guard
+        if guard.active and (
             action == sqlite3.SQLITE_TRANSACTION
             or (action == sqlite3.SQLITE_SAVEPOINT and arg2 == self._savepoint)
         ):
-            self._denied = True
+            guard.denied = True
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
@@ -934,14 +1008,15 @@ class Store:
             raise _Fault(exc) from exc
         savepoints = len(requests) > 1
         guarded = self._guarded_conn
+        guard = self._guard
         now = time.time()
         begin_call, release_call, undo_call = self._savepoint_sql
         for index, request in enumerate(requests):
             tx = Transaction(conn, guarded, db, now)
             if savepoints:
                 _execute(conn, begin_call)
-            self._guarded = True
-            self._denied = False
+            guard.active = True
+            guard.denied = False
             try:
                 result = request.fn(tx)
                 if result is not None and inspect.isawaitable(result):  # an async callable
@@ -955,14 +1030,14 @@ class Store:
             except BaseException as exc:
                 request.error = exc
             finally:
-                self._guarded = False
+                guard.active = False
             self.requests += 1
             error = request.error
             if error is not None:
                 fault = storage_fault_in(error)
                 if fault is not None:
                     raise _Fault(fault)
-            if self._denied and isinstance(error, sqlite3.DatabaseError):
+            if guard.denied and isinstance(error, sqlite3.DatabaseError):
                 request.error = TransactionControlRefused(
                     "a transact function may not COMMIT, ROLLBACK or BEGIN (the engine commits "
                     "when it returns; raise to roll back): its work was rolled back"
@@ -1001,7 +1076,7 @@ class Store:
                     _execute(conn, self._rollback)
                     return requests[index + 1 :]  # a batch of one: nothing else to keep
                 continue
-            request.events = tx._events
+            request.events = tx.published
             if savepoints:
                 _execute(conn, release_call)
         try:

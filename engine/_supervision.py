@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
+import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import anyio
+from anyio.abc import TaskGroup
 
-from ._actor import Actor, ActorRef, Cell, Outcome, OutcomeKind
-from ._deadletters import DeadLetterReason
+from ._actor import Actor, ActorRef, Cell, Host, Outcome, OutcomeKind
 from ._errors import ActorStopped, SupervisorEscalation
 from ._types import (
     ActorState,
     Backoff,
+    DeadLetterReason,
     Overflow,
     Restart,
     Strategy,
@@ -24,10 +27,7 @@ from ._types import (
     check_timeout,
 )
 
-if TYPE_CHECKING:
-    from ._engine import Engine
-
-__all__ = ["SupervisorRef"]
+__all__ = ["ChildSpec", "Spawner", "Supervisor", "SupervisorHost", "SupervisorRef"]
 
 logger = logging.getLogger("actorbus.supervisor")
 
@@ -42,6 +42,35 @@ def check_name(name: object) -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """How to run one child actor (checked by ``spawn``, or built by the engine)."""
+
+    factory: Callable[[], Actor]
+    name: str
+    capacity: int = 1000
+    overflow: Overflow = Overflow.BLOCK
+    restart: Restart = Restart.PERMANENT
+    max_attempts: int = 3
+
+
+class SupervisorHost(Host, Protocol):
+    """What a supervisor needs of the runtime: its tasks, names and randomness."""
+
+    rng: random.Random
+
+    @property
+    def task_group(self) -> TaskGroup: ...
+
+    def check_accepting(self) -> None: ...
+
+    def check_name_free(self, name: str, *, internal: bool = False) -> None:
+        """``ValueError`` if ``name`` is taken, reserved, or (unless ``internal``) the engine's."""
+
+    def register(self, name: str, child: Cell | Supervisor) -> None:
+        """Take ``name`` (already checked free) for ``child``."""
+
+
 class Supervisor:
     """Restarts its children when they fail, per its strategy, within its intensity."""
 
@@ -49,7 +78,7 @@ class Supervisor:
 
     def __init__(
         self,
-        engine: Engine,
+        host: SupervisorHost,
         name: str,
         parent: Supervisor | None,
         *,
@@ -58,7 +87,7 @@ class Supervisor:
         within: float,
         backoff: Backoff,
     ) -> None:
-        self.engine = engine
+        self.host = host
         self.name = name
         self.parent = parent
         self.strategy = strategy
@@ -123,7 +152,7 @@ class Supervisor:
             return
         now = anyio.current_time()
         if kind is OutcomeKind.MESSAGE_FAILED:
-            delay = self.backoff.delay(outcome.attempts, self.engine._rng)
+            delay = self.backoff.delay(outcome.attempts, self.host.rng)
         else:
             if kind is OutcomeKind.NORMAL_EXIT:
                 error = ActorStopped(f"{child.name!r} stopped itself; restarted as PERMANENT")
@@ -137,7 +166,7 @@ class Supervisor:
             if len(self.crash_times) > self.max_restarts:
                 await self._give_up(child, error)
                 return
-            delay = self.backoff.delay(child.crash_streak, self.engine._rng)
+            delay = self.backoff.delay(child.crash_streak, self.host.rng)
         logger.warning(
             "%r failed (%s: %r); restarting (%s) in %.3f s",
             child.name,
@@ -222,11 +251,83 @@ class Supervisor:
         self.stopped = True
         self.state = ActorState.STOPPED
         self.wake.set()
-        self.engine._forget(self)
+        self.host.forget(self)
         if self.parent is not None:
             self.parent.forget(self)
 
-    # ----------------------------------------------------------- spawning
+    # ----------------------------------------------------------- children
+
+    async def start_child(self, spec: ChildSpec) -> ActorRef[Any]:
+        """Start a checked child; returns once its first ``on_start`` ran (its error if not)."""
+        host = self.host
+        host.check_accepting()
+        cell, instance = self.add_cell(spec)
+        error = await host.task_group.start(cell.run, instance, name=f"actor {spec.name}")
+        if error is not None:
+            raise error
+        return cell.ref
+
+    def add_cell(self, spec: ChildSpec, *, internal: bool = False) -> tuple[Cell, Actor]:
+        """Register a child cell and make its first instance; the caller starts its task."""
+        self._check_running()
+        host = self.host
+        host.check_name_free(spec.name, internal=internal)
+        instance = spec.factory()
+        cell = Cell(
+            host,
+            self,
+            spec.factory,
+            name=spec.name,
+            capacity=spec.capacity,
+            overflow=spec.overflow,
+            restart=spec.restart,
+            max_attempts=spec.max_attempts,
+        )
+        # Registered before the task starts so a failure during on_start is
+        # reported to a supervisor that knows the child; run() unregisters it.
+        host.register(spec.name, cell)
+        self.children[cell] = None
+        return cell, instance
+
+    def add_supervisor(
+        self,
+        name: str,
+        *,
+        strategy: Strategy,
+        max_restarts: int,
+        within: float,
+        backoff: Backoff,
+    ) -> Supervisor:
+        host = self.host
+        self._check_running()
+        host.check_name_free(name)
+        child = Supervisor(
+            host,
+            name,
+            self,
+            strategy=strategy,
+            max_restarts=max_restarts,
+            within=within,
+            backoff=backoff,
+        )
+        host.register(name, child)
+        self.children[child] = None
+        host.task_group.start_soon(child.run, name=f"supervisor {name}")
+        return child
+
+    def _check_running(self) -> None:
+        if self.stopped:
+            raise ActorStopped(f"supervisor {self.name!r} is stopped")
+
+
+class Spawner:
+    """``spawn`` and ``supervisor``: one signature, one set of checks, for
+    ``SupervisorRef`` and the ``Engine`` (which spawns under its root)."""
+
+    __slots__ = ()
+
+    def _parent(self) -> Supervisor:
+        raise NotImplementedError
 
     async def spawn(
         self,
@@ -238,6 +339,14 @@ class Supervisor:
         restart: Restart = Restart.PERMANENT,
         max_attempts: int = 3,
     ) -> ActorRef[Any]:
+        """Start an actor under this supervisor; returns once its first ``on_start`` ran.
+
+        ``factory`` is a zero-argument callable returning an ``Actor`` (an
+        Actor subclass itself works); restarts call it again for a fresh
+        instance. If the first ``on_start`` raises, that error is raised here
+        and nothing is registered.
+        """
+        parent = self._parent()
         if not callable(factory):
             raise TypeError(
                 f"factory must be callable (an Actor subclass or a function), "
@@ -248,51 +357,9 @@ class Supervisor:
         check_enum(overflow, Overflow, "overflow")
         check_enum(restart, Restart, "restart")
         check_int(max_attempts, "max_attempts", 1)
-        engine = self.engine
-        engine._check_accepting()
-        cell, instance = self.add_cell(
-            factory,
-            name=name,
-            capacity=capacity,
-            overflow=overflow,
-            restart=restart,
-            max_attempts=max_attempts,
+        return await parent.start_child(
+            ChildSpec(factory, name, capacity, overflow, restart, max_attempts)
         )
-        error = await engine._task_group.start(cell.run, instance, name=f"actor {name}")
-        if error is not None:
-            raise error
-        return cell.ref
-
-    def add_cell(
-        self,
-        factory: Callable[[], Actor],
-        *,
-        name: str,
-        capacity: int,
-        overflow: Overflow,
-        restart: Restart,
-        max_attempts: int,
-        internal: bool = False,
-    ) -> tuple[Cell, Actor]:
-        """Register a child cell and make its first instance; the caller starts its task."""
-        self._check_running()
-        self.engine._check_name_free(name, internal=internal)
-        instance = factory()
-        cell = Cell(
-            self.engine,
-            self,
-            factory,
-            name=name,
-            capacity=capacity,
-            overflow=overflow,
-            restart=restart,
-            max_attempts=max_attempts,
-        )
-        # Registered before the task starts so a failure during on_start is
-        # reported to a supervisor that knows the child; run() unregisters it.
-        self.engine._names[name] = cell
-        self.children[cell] = None
-        return cell, instance
 
     async def supervisor(
         self,
@@ -303,6 +370,11 @@ class Supervisor:
         within: float = 5.0,
         backoff: Backoff | None = None,
     ) -> SupervisorRef:
+        """Start a supervisor under this one; children are spawned with ``sup.spawn``.
+
+        When it gives up, this one handles it as a failed child.
+        """
+        parent = self._parent()
         check_name(name)
         check_enum(strategy, Strategy, "strategy")
         check_int(max_restarts, "max_restarts", 0)
@@ -311,49 +383,22 @@ class Supervisor:
             backoff = Backoff()
         elif not isinstance(backoff, Backoff):
             raise TypeError(f"backoff must be a Backoff, got {type(backoff).__name__}")
-        self.engine._check_accepting()
-        return self.add_supervisor(
+        parent.host.check_accepting()
+        return parent.add_supervisor(
             name, strategy=strategy, max_restarts=max_restarts, within=within, backoff=backoff
         ).ref
 
-    def add_supervisor(
-        self,
-        name: str,
-        *,
-        strategy: Strategy,
-        max_restarts: int,
-        within: float,
-        backoff: Backoff,
-    ) -> Supervisor:
-        engine = self.engine
-        self._check_running()
-        engine._check_name_free(name)
-        child = Supervisor(
-            engine,
-            name,
-            self,
-            strategy=strategy,
-            max_restarts=max_restarts,
-            within=within,
-            backoff=backoff,
-        )
-        engine._names[name] = child
-        self.children[child] = None
-        engine._task_group.start_soon(child.run, name=f"supervisor {name}")
-        return child
 
-    def _check_running(self) -> None:
-        if self.stopped:
-            raise ActorStopped(f"supervisor {self.name!r} is stopped")
-
-
-class SupervisorRef:
+class SupervisorRef(Spawner):
     """Handle to a supervisor: spawn children under it, nest supervisors, stop it."""
 
     __slots__ = ("_supervisor",)
 
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
+
+    def _parent(self) -> Supervisor:
+        return self._supervisor
 
     @property
     def name(self) -> str:
@@ -366,40 +411,6 @@ class SupervisorRef:
 
     def __repr__(self) -> str:
         return f"<SupervisorRef {self.name!r} {self._supervisor.strategy.value}>"
-
-    async def spawn(
-        self,
-        factory: Callable[[], Actor],
-        *,
-        name: str,
-        capacity: int = 1000,
-        overflow: Overflow = Overflow.BLOCK,
-        restart: Restart = Restart.PERMANENT,
-        max_attempts: int = 3,
-    ) -> ActorRef[Any]:
-        """Spawn a child actor; same arguments as ``Engine.spawn``."""
-        return await self._supervisor.spawn(
-            factory,
-            name=name,
-            capacity=capacity,
-            overflow=overflow,
-            restart=restart,
-            max_attempts=max_attempts,
-        )
-
-    async def supervisor(
-        self,
-        name: str,
-        *,
-        strategy: Strategy = Strategy.ONE_FOR_ONE,
-        max_restarts: int = 3,
-        within: float = 5.0,
-        backoff: Backoff | None = None,
-    ) -> SupervisorRef:
-        """Start a nested supervisor; when it gives up, this one handles it as a failed child."""
-        return await self._supervisor.supervisor(
-            name, strategy=strategy, max_restarts=max_restarts, within=within, backoff=backoff
-        )
 
     async def stop(self) -> None:
         """Stop every child (reverse start order), then the supervisor."""

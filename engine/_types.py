@@ -5,17 +5,23 @@ from __future__ import annotations
 import enum
 import math
 import random
+from typing import Literal
 
 import msgspec
 
 __all__ = [
     "ActorState",
+    "DeadLetterReason",
     "ActorStatistics",
     "Backoff",
     "Overflow",
     "Restart",
     "Strategy",
 ]
+
+
+DeadLetterReason = Literal["failed", "dropped", "stopped", "shutdown"]
+"""Why a message became a dead letter."""
 
 
 class Overflow(enum.Enum):

@@ -22,7 +22,6 @@ import trio.testing
 
 from engine import (
     BackpressureConfig,
-    BackpressureController,
     BackpressureError,
     BackpressureMetrics,
     BackpressureState,
@@ -31,6 +30,7 @@ from engine import (
     Event,
     Overflow,
 )
+from engine._backpressure import BackpressureController
 
 pytestmark = pytest.mark.anyio
 

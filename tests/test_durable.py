@@ -24,8 +24,6 @@ import anyio
 import msgspec
 import pytest
 
-import actors._relay
-from actors._dispatcher import stable_hash
 from engine import (
     ActorStopped,
     Engine,
@@ -34,8 +32,9 @@ from engine import (
     EventValidationError,
     TransactionControlRefused,
 )
-from engine._engine import _poll as poll_outbox
-from engine._store import StorageError, Transaction, TransactionEnded, read_outbox
+from engine._durable import _poll as poll_outbox
+from engine._routing import stable_hash
+from engine._store import StorageError, Store, Transaction, TransactionEnded, read_outbox
 from engine.events import encode
 
 pytestmark = pytest.mark.anyio
@@ -136,7 +135,14 @@ def positions(path: str, name: str) -> list[int]:
 
 async def live(engine: Engine, name: str) -> None:
     """Wait until the durable subscription ``name`` caught up and takes live events."""
-    await until(lambda: engine._router.subscriptions[name].live, f"{name!r} is live")
+    await until(lambda: engine._bus.router.subscriptions[name].live, f"{name!r} is live")
+
+
+def store_of(engine: Engine) -> Store:
+    """The engine's database (a private part: these tests count its batches)."""
+    outbox = engine._outbox
+    assert outbox is not None
+    return outbox.store
 
 
 def head_reached(engine: Engine, seq: int) -> Callable[[], bool]:
@@ -430,8 +436,7 @@ async def test_group_commit_rolls_back_only_the_failing_calls(path: str) -> None
     async with Engine(path) as engine:
         engine.subscribe(Item, handler=recorder(received), name="s")
         await engine.transact(create_table("CREATE TABLE notes (n INTEGER)"))
-        store = engine._store
-        assert store is not None
+        store = store_of(engine)
         before = store.batches
         async with anyio.create_task_group() as tg:
             for n in range(200):
@@ -464,7 +469,7 @@ ENDING_STATEMENTS: dict[str, Callable[[sqlite3.Connection, str], object]] = {
 
 def engine_savepoint(engine: Engine) -> str:
     """The name of the engine's savepoint around each call of a batch (private)."""
-    name = getattr(engine._store, "_savepoint", "actorbus_call")
+    name = getattr(store_of(engine), "_savepoint", "actorbus_call")
     assert isinstance(name, str)
     return name
 
@@ -961,8 +966,9 @@ async def test_events_a_failing_projector_published_are_rolled_back_with_it(path
     async with engine:
         await engine.publish(Item(n=1))
         await until(lambda: engine.dead_letters.count() == 1, "event 1 is dead-lettered")
-        state = engine._relay_state
-        assert state is not None
+        outbox = engine._outbox
+        assert outbox is not None
+        state = outbox.state
         await until(lambda: state.cursor >= state.head, "the relay dispatched what it holds")
         await engine.publish(Item(n=2))
     # Leaving the block drained everything: event 2, its projection and what it published.
@@ -1407,8 +1413,7 @@ def hold_while_closing(engine: Engine) -> None:
     Waits until the engine began closing, then gives it a moment (0.2 s at most) to close
     the connection under this read; a correct engine waits for the read instead.
     """
-    store = engine._store
-    assert store is not None
+    store = store_of(engine)
     deadline = time.monotonic() + 10.0
     while not store._closing and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -1434,7 +1439,7 @@ async def test_leaving_with_an_error_during_a_catch_up_raises_that_error(
             hold_while_closing(engine)
         return read_outbox(conn, after, limit)
 
-    monkeypatch.setattr(actors._relay, "read_outbox", held)
+    monkeypatch.setattr("engine._durable.read_outbox", held)
     with pytest.raises(Boom):
         async with engine:
             await until(reading.is_set, "the catch-up is reading")
@@ -1459,8 +1464,8 @@ async def test_leaving_while_the_outbox_poll_reads_exits_cleanly(
             hold_while_closing(engine)
         return poll_outbox(conn)
 
-    monkeypatch.setattr("engine._engine.POLL_INTERVAL", 0.0)  # poll at every tick
-    monkeypatch.setattr("engine._engine._poll", held)
+    monkeypatch.setattr("engine._durable.POLL_INTERVAL", 0.0)  # poll at every tick
+    monkeypatch.setattr("engine._durable._poll", held)
     async with engine:
         await engine.publish(Item(n=1))
         await until(reading.is_set, "the housekeeping polls the outbox")

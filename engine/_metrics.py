@@ -1,0 +1,39 @@
+"""The engine's snapshot record (``engine.metrics()``)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ._backpressure import BackpressureMetrics
+from ._breaker import BreakerMetrics
+from ._store import StorageMetrics
+from ._types import ActorStatistics
+
+__all__ = ["EngineMetrics"]
+
+
+class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the engine (``engine.metrics()``)."""
+
+    actors: dict[str, ActorStatistics]
+    """Every running actor's mailbox statistics, by name."""
+    in_flight: int
+    """Messages accepted by some mailbox and not yet handled or dead-lettered."""
+    dead_letters: int
+    """Dead letters stored now."""
+    dead_letters_total: int
+    """Dead letters recorded since the engine started (including evicted ones)."""
+    backpressure: BackpressureMetrics
+    """The in-flight event budget: depth, peak, state, accepted, rejected, transitions."""
+    outbox_head: int = 0
+    """The last committed outbox seq (0 without a database)."""
+    lag: dict[str, int] = msgspec.field(default_factory=dict)
+    """Per durable subscription or projection: outbox events after its position."""
+    breakers: dict[str, BreakerMetrics] = msgspec.field(default_factory=dict)
+    """Every circuit breaker's state and counters, by dependency name."""
+    validation_failures: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    """Events refused by validation in this process: event type -> kind -> count."""
+    tenant_rejections: dict[str, int] = msgspec.field(default_factory=dict)
+    """Tenant identifiers refused in this process, by reason."""
+    storage: StorageMetrics | None = None
+    """The database's health: outages, retries, writes waiting (None without a database)."""

@@ -1,0 +1,447 @@
+"""Routing: subscriptions, their partitions, the router, and one event's delivery.
+
+A ``Delivery`` carries one published event to every matching subscription and
+holds its backpressure slot until the last of them finished it or
+dead-lettered it. What a delivery needs of the rest of the engine (the router,
+the dispatcher's cell, the dead letters, the slot's release) comes through one
+``Routes`` object, shared by all deliveries of an engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import zlib
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
+from uuid import UUID
+
+from ._actor import Actor, ActorRef, Cell, Tracked
+from ._errors import ActorStopped, MailboxFull
+from ._events import Event
+from ._supervision import check_name
+from ._types import (
+    ActorStatistics,
+    Backoff,
+    DeadLetterReason,
+    Overflow,
+    check_enum,
+    check_int,
+)
+
+__all__ = [
+    "DeadLetterRecorder",
+    "Delivery",
+    "OutboxRoutes",
+    "Router",
+    "Routes",
+    "Subscription",
+    "SubscriptionRef",
+    "is_async_function",
+    "stable_hash",
+]
+
+EventHandler = Callable[[Any], Awaitable[None]]
+Projector = Callable[[Any, Any], Any]
+
+
+def stable_hash(key: object) -> int:
+    """A hash that is the same in every process (``hash(str)`` is salted per process)."""
+    if isinstance(key, bool):
+        return int(key)
+    if isinstance(key, int):
+        return key
+    if isinstance(key, UUID):
+        return key.int
+    if isinstance(key, str):
+        return zlib.crc32(key.encode("utf-8", "surrogatepass"))
+    if isinstance(key, bytes):
+        return zlib.crc32(key)
+    return zlib.crc32(repr(key).encode("utf-8", "backslashreplace"))
+
+
+def is_async_function(handler: object) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
+    )
+
+
+class DeadLetterRecorder(Protocol):
+    """``DeadLetters.add``: records, then calls ``then`` (with a database once stored)."""
+
+    def add(
+        self,
+        actor: str,
+        message: Any,
+        reason: DeadLetterReason,
+        *,
+        error: BaseException | None = ...,
+        attempts: int = ...,
+        seq: int | None = ...,
+        event_type: str | None = ...,
+        then: Callable[[], None] | None = ...,
+    ) -> None: ...
+
+
+class OutboxRoutes(Protocol):
+    """How the dispatcher routes an event that came from the outbox (``Outbox.route``)."""
+
+    async def route(self, delivery: Delivery) -> None: ...
+
+
+class Routes:
+    """What every delivery of one engine shares: where dead letters go, how its
+    slot is given back, the router and the dispatcher's cell."""
+
+    __slots__ = ("closing", "dead_letters", "dispatcher", "release", "router")
+
+    def __init__(
+        self,
+        router: Router,
+        dead_letters: DeadLetterRecorder,
+        release: Callable[[], None],
+        closing: Callable[[], bool],
+    ) -> None:
+        self.router = router
+        self.dead_letters = dead_letters
+        # The slot's release (a no-op for deliveries that hold none: catch-up reads).
+        self.release = release
+        self.closing = closing
+        self.dispatcher: Cell | None = None
+
+    def without_slot(self) -> Routes:
+        """The same routes for deliveries that take no backpressure slot."""
+        routes = Routes(self.router, self.dead_letters, _no_slot, self.closing)
+        routes.dispatcher = self.dispatcher
+        return routes
+
+
+def _no_slot() -> None:
+    pass
+
+
+class Delivery(Tracked):
+    """One published event on its way to every matching subscription.
+
+    It holds one backpressure slot, released when the last subscription
+    finished it or dead-lettered it — exactly once on every path.
+    """
+
+    __slots__ = (
+        "event",
+        "remaining",
+        "routed",
+        "routes",
+        "seq",
+        "subscription",
+        "undelivered",
+    )
+
+    def __init__(
+        self,
+        event: Event,
+        routes: Routes,
+        subscription: Subscription | None = None,
+        seq: int | None = None,
+    ) -> None:
+        self.event = event
+        self.routes = routes
+        # The outbox position of a durable event (None in memory and for replays).
+        self.seq = seq
+        self.remaining = 1
+        self.routed = False
+        # While the dispatcher waits to hand it on: the subscriptions still without it.
+        self.undelivered: tuple[Subscription, ...] = ()
+        # Set for a replay: only this subscription gets it.
+        self.subscription = subscription
+
+    def done(self) -> None:
+        self.remaining -= 1
+        if not self.remaining:
+            self.routes.release()
+
+    def finish(self, cell: Cell) -> None:
+        """The subscription partition ``cell`` is finished with this event."""
+        track = cell.track
+        if track is not None and self.seq is not None:
+            track.finish(self.seq)
+        self.done()
+
+    def dead_letter(
+        self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
+    ) -> None:
+        routes = self.routes
+        # This holder's shares of the slot: one, or (the dispatcher stopped
+        # while handing it on) one per subscription still without it.
+        stopped_routing = self.routed and cell is routes.dispatcher
+        shares = len(self.undelivered) if stopped_routing else 1
+        if reason == "shutdown" and self.seq is not None:
+            # A durable event cut short by shutdown stays in the outbox and its
+            # subscribers' positions stay before it: the next run delivers it.
+            # Only this holder's shares go back: the others give back their own.
+            for _ in range(shares):
+                self.done()
+            return
+        if not self.routed:
+            # Still in the dispatcher's mailbox (one share): each subscription
+            # it was bound for records it under its own name.
+            if self.subscription is not None:
+                names = [self.subscription.name]
+            else:
+                names = [s.name for s in routes.router.route(type(self.event))]
+        elif stopped_routing:
+            names = [s.name for s in self.undelivered]
+        else:
+            names = [cell.dead_letter_name]
+        track = cell.track
+        seq = self.seq
+        waiting = len(names)
+
+        def recorded() -> None:
+            # With a database, after the rows committed: a durable position
+            # never passes an event whose dead letter is not stored.
+            nonlocal waiting
+            waiting -= 1
+            if waiting > 0:
+                return
+            if track is not None and seq is not None:
+                track.finish(seq)
+            for _ in range(shares):
+                self.done()
+
+        if not names:
+            waiting = 1
+            recorded()
+        for name in names:
+            routes.dead_letters.add(
+                name, self.event, reason, error=error, attempts=attempts, seq=seq, then=recorded
+            )
+
+
+class Subscription:
+    """A named subscription: its event types, its partition actors, its policy.
+
+    It checks its own configuration (the arguments of ``subscribe`` and ``project``).
+    """
+
+    def __init__(
+        self,
+        routes: Routes,
+        event_types: tuple[object, ...],
+        handler: object,
+        *,
+        name: str,
+        capacity: int,
+        partitions: int,
+        key: Callable[[Any], object] | None,
+        overflow: Overflow,
+        max_attempts: int,
+        backoff: Backoff,
+        rng: random.Random,
+        projection: bool = False,
+    ) -> None:
+        verb = "project" if projection else "subscribe"
+        self.event_types = check_event_types(event_types, verb)
+        if projection:
+            if not callable(handler) or inspect.iscoroutinefunction(handler):
+                raise TypeError(
+                    "projector must be a plain function `def projector(tx, event)` (it runs in "
+                    f"the database thread), got {handler!r}"
+                )
+        elif not callable(handler) or not (is_async_function(handler) or is_actor_factory(handler)):
+            raise TypeError(
+                "handler must be an async function `async def handle(event)` or an Actor "
+                f"factory callable with no arguments, got {handler!r}"
+            )
+        check_name(name)
+        check_int(capacity, "capacity", 1)
+        check_int(partitions, "partitions", 1)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a callable of the event or None, got {key!r}")
+        check_enum(overflow, Overflow, "overflow")
+        check_int(max_attempts, "max_attempts", 1)
+        self.routes = routes
+        self.handler: Any = handler
+        self.name = name
+        self.capacity = capacity
+        self.key = key
+        self.overflow = overflow
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.rng = rng
+        self.is_function = not projection and is_async_function(handler)
+        self.cells: list[Cell] = []
+        # Routed by the dispatcher; a durable subscription goes live once it caught up.
+        self.live = True
+        # A projection: ``handler`` is ``projector(tx, event)``, run in the writer.
+        self.projector: Projector | None = handler if projection else None
+        self.partition_count = partitions
+        self.ref = SubscriptionRef(self)
+
+    @property
+    def kind(self) -> str:
+        """How ``tracking`` records it: ``projection`` or ``subscription``."""
+        return "projection" if self.projector is not None else "subscription"
+
+    @property
+    def supervisor_name(self) -> str:
+        """The name of the supervisor of its partition actors."""
+        return f"subscription:{self.name}"
+
+    def matches(self, event_type: type) -> bool:
+        return issubclass(event_type, self.event_types)
+
+    def partition_names(self) -> list[str]:
+        if self.partition_count == 1:
+            return [self.name]
+        return [f"{self.name}#{i}" for i in range(self.partition_count)]
+
+    def names(self) -> list[str]:
+        """Every name it takes in the engine: its supervisor's and its partitions'."""
+        return [self.supervisor_name, *self.partition_names()]
+
+    def index(self, event: Event) -> int:
+        """The partition that takes ``event`` (its key's stable hash; the id without a key)."""
+        count = len(self.cells)
+        if count == 1:
+            return 0
+        key = self.key(event) if self.key is not None else event.id
+        return stable_hash(key) % count
+
+    def pick(self, event: Event) -> Cell:
+        cells = self.cells
+        if len(cells) == 1:
+            return cells[0]
+        return cells[self.index(event)]
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` to the right partition; failures become dead letters."""
+        try:
+            cell = self.pick(delivery.event)
+        except Exception as exc:
+            # The key function raised: this subscription cannot place the event.
+            self.refuse(delivery, "failed", exc)
+            return
+        await self.deliver_to(cell, delivery)
+
+    async def deliver_to(self, cell: Cell, delivery: Delivery) -> None:
+        track = cell.track
+        if track is not None and delivery.seq is not None:
+            track.sent(delivery.seq)
+        try:
+            if not cell.offer(delivery):
+                await cell.put(delivery)
+        except MailboxFull as exc:
+            self.refuse(delivery, "dropped", exc, cell)
+        except ActorStopped as exc:
+            reason: DeadLetterReason = "shutdown" if self.routes.closing() else "stopped"
+            self.refuse(delivery, reason, exc, cell)
+
+    def refuse(
+        self,
+        delivery: Delivery,
+        reason: DeadLetterReason,
+        error: Exception,
+        cell: Cell | None = None,
+    ) -> None:
+        """Dead-letter ``delivery`` for this subscription and give back its share
+        (with a database once the dead letter is stored)."""
+        seq = delivery.seq
+        if reason == "shutdown" and seq is not None:
+            delivery.done()  # durable: the next run delivers it (see Delivery.dead_letter)
+            return
+        if cell is None and seq is not None and self.cells:
+            track = self.cells[0].track
+            if track is not None:
+                # No partition took it (its key failed): the first one holds its
+                # position before the event until the dead letter is stored.
+                cell = self.cells[0]
+                track.sent(seq)
+        finish = delivery.done if cell is None else partial(delivery.finish, cell)
+        self.routes.dead_letters.add(
+            self.name, delivery.event, reason, error=error, seq=seq, then=finish
+        )
+
+
+class SubscriptionRef:
+    """Handle to a subscription: its name, partition refs and statistics."""
+
+    __slots__ = ("_subscription",)
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+
+    @property
+    def name(self) -> str:
+        return self._subscription.name
+
+    @property
+    def event_types(self) -> tuple[type[Event], ...]:
+        return self._subscription.event_types
+
+    @property
+    def partitions(self) -> list[ActorRef[Any]]:
+        """The handler actors, one per partition."""
+        return [cell.ref for cell in self._subscription.cells]
+
+    @property
+    def live(self) -> bool:
+        """It takes newly published events (a durable one: once it caught up)."""
+        return self._subscription.live
+
+    def statistics(self) -> list[ActorStatistics]:
+        return [cell.statistics() for cell in self._subscription.cells]
+
+    def __repr__(self) -> str:
+        types = ", ".join(t.__name__ for t in self.event_types)
+        return f"<SubscriptionRef {self.name!r} ({types}) x{len(self._subscription.cells)}>"
+
+
+class Router:
+    """Which subscriptions take which event type; cached per concrete type."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, Subscription] = {}
+        self._routes: dict[type, tuple[Subscription, ...]] = {}
+
+    def add(self, subscription: Subscription) -> None:
+        self.subscriptions[subscription.name] = subscription
+        self._routes.clear()
+
+    def changed(self) -> None:
+        """A subscription went live: routes are worked out again."""
+        self._routes.clear()
+
+    def route(self, event_type: type) -> tuple[Subscription, ...]:
+        try:
+            return self._routes[event_type]
+        except KeyError:
+            routes = tuple(
+                s for s in self.subscriptions.values() if s.live and s.matches(event_type)
+            )
+            self._routes[event_type] = routes
+            return routes
+
+
+def check_event_types(event_types: tuple[object, ...], verb: str) -> tuple[type[Event], ...]:
+    """``event_types`` of ``subscribe``/``project``: at least one, each an Event subclass."""
+    if not event_types:
+        raise ValueError(f"{verb} needs at least one event type (Event receives all)")
+    for event_type in event_types:
+        if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+            raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
+    return event_types  # type: ignore[return-value]
+
+
+def is_actor_factory(handler: object) -> bool:
+    """An Actor subclass, or a callable that takes no arguments (it builds an Actor)."""
+    if isinstance(handler, type):
+        return issubclass(handler, Actor)
+    try:
+        inspect.signature(handler).bind()  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    except ValueError:  # no signature (some builtins): let the call decide
+        return True
+    return True
