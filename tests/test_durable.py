@@ -1546,3 +1546,42 @@ async def test_a_deferred_constraint_failing_at_commit_fails_only_its_own_call(p
     assert query(path, "SELECT count(*) FROM child") == [(7,)]
     assert sorted(numbers(received)) == [0, 1, 2, 4, 5, 6, 7]
     assert ids(received) == outbox_ids(path)
+
+
+# ---------------------------------------------------------------------- savepoints
+
+
+async def test_a_savepoint_rolls_back_only_its_own_rows_and_events(path: str) -> None:
+    async with Engine(path) as engine:
+        await engine.transact(create_table("CREATE TABLE notes (n INTEGER)"))
+
+        def work(tx: Transaction) -> list[int]:
+            tx.conn.execute("INSERT INTO notes VALUES (1)")
+            tx.publish(Item(n=1))
+            with pytest.raises(Boom), tx.savepoint():
+                tx.conn.execute("INSERT INTO notes VALUES (2)")
+                tx.publish(Item(n=2))
+                raise Boom
+            with tx.savepoint():
+                tx.conn.execute("INSERT INTO notes VALUES (3)")
+                with pytest.raises(Boom), tx.savepoint():  # nested: only the inner part goes
+                    tx.publish(Item(n=4))
+                    raise Boom
+                tx.publish(Item(n=3))
+            return [event.n for _, event in tx.published]  # type: ignore[attr-defined]
+
+        assert await engine.transact(work) == [1, 3]
+    assert [row[0] for row in query(path, "SELECT n FROM notes ORDER BY n")] == [1, 3]
+    assert len(outbox_ids(path)) == 2
+
+
+async def test_a_subscription_ref_says_when_a_durable_subscription_is_live(path: str) -> None:
+    async with Engine(path) as engine:
+        await engine.publish(Item(n=1))
+    received: list[Item] = []
+    engine = Engine(path)
+    ref = engine.subscribe(Item, handler=recorder(received), name="s")
+    assert not ref.live  # registered: it catches up first
+    async with engine:
+        await until(lambda: ref.live, "it caught up")
+        assert numbers(received) == [1]
