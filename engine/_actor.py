@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable
@@ -79,7 +80,7 @@ class Actor:
         """
         cell = self._actorbus_cell
         if cell is not None:
-            cell.request("self_stop")
+            cell.request_self_stop()
 
 
 def bind(actor: Actor, cell: Cell | None) -> None:
@@ -178,6 +179,21 @@ class Tracked:
         self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
     ) -> None:
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resume:
+    """To a cell waiting for its supervisor: start a fresh instance (``cause``: why)."""
+
+    cause: BaseException | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Terminate:
+    """To a cell waiting for its supervisor: stop for good."""
+
+
+Command = Resume | Terminate
 
 
 class OutcomeKind(enum.Enum):
@@ -337,7 +353,7 @@ class Cell:
         self.interrupt = False
         self.stop_reason: DeadLetterReason = "stopped"
         self.awaiting_command = False
-        self.command: tuple[str, Any] | None = None
+        self.command: Command | None = None
         self.command_event = anyio.Event()
         self.paused = anyio.Event()
         self.started = anyio.Event()
@@ -496,13 +512,13 @@ class Cell:
                 await self.command_event.wait()
                 self.awaiting_command = False
                 self.paused = anyio.Event()
-                command, argument = self.command or ("terminate", None)
+                command = self.command
                 self.command = None
-                if command == "terminate":
+                if not isinstance(command, Resume):
                     break
                 self.restarts += 1
                 try:
-                    await self._start_instance(self.factory(), argument)
+                    await self._start_instance(self.factory(), command.cause)
                 except BaseException as caught:
                     exc = as_failure(caught)
                     if exc is None:
@@ -642,11 +658,22 @@ class Cell:
             return Outcome(OutcomeKind.SUSPEND)
         return Outcome(OutcomeKind.NORMAL_EXIT)
 
-    def request(self, flag: str) -> None:
-        """Ask the loop to leave after the current message (stop, suspend or self-stop)."""
-        setattr(self, flag, True)
+    def _interrupt(self) -> None:
+        """Make the loop leave after the current message."""
         self.interrupt = True
         self.wake()
+
+    def request_self_stop(self) -> None:
+        self.self_stop = True
+        self._interrupt()
+
+    def request_suspend(self) -> None:
+        self.suspend_requested = True
+        self._interrupt()
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        self._interrupt()
 
     def finalise(self) -> None:
         """Stop for good without waiting: dead-letter what is left, unregister, wake waiters."""
@@ -683,7 +710,7 @@ class Cell:
         if self.closed or self.awaiting_command:
             self.supervisor.pending.pop(self, None)
             return
-        self.request("suspend_requested")
+        self.request_suspend()
         await self.paused.wait()
 
     async def resume(self, cause: BaseException | None) -> None:
@@ -691,7 +718,7 @@ class Cell:
         if self.closed or not self.awaiting_command:
             return
         self.started = anyio.Event()
-        self.command = ("restart", cause)
+        self.command = Resume(cause)
         self.command_event.set()
         await self.started.wait()
 
@@ -705,10 +732,10 @@ class Cell:
         self.state = ActorState.STOPPING
         if self.awaiting_command:
             self.stop_requested = True
-            self.command = ("terminate", None)
+            self.command = Terminate()
             self.command_event.set()
         else:
-            self.request("stop_requested")
+            self.request_stop()
             if cancel_current and self.loop_scope is not None:
                 self.loop_scope.cancel()
         while self.senders:
