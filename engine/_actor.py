@@ -494,6 +494,8 @@ class Cell:
                 )
             else:
                 task_status.started(None)
+            finally:
+                self.started.set()  # the first start is over, however it went
             while True:
                 if self.instance is not None:
                     outcome = await self._message_loop()

@@ -10,7 +10,7 @@ follow a durable subscription's positions and to start its catch-up.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ._actor import Actor, Cell
 from ._backpressure import (
@@ -95,6 +95,20 @@ class EventBus:
             self.runtime.refuse()
         if name in self.router.subscriptions:
             raise ValueError(f"a subscription named {name!r} already exists")
+
+    def subscribe(
+        self, event_types: tuple[object, ...], handler: object, **options: Any
+    ) -> SubscriptionRef:
+        """A new subscription (``options`` as ``Subscription`` takes and checks them)."""
+        subscription = Subscription(
+            self.routes,
+            event_types,
+            handler,
+            backoff=Backoff(),
+            rng=self.runtime.rng,
+            **options,
+        )
+        return self.add(subscription)
 
     def add(self, subscription: Subscription) -> SubscriptionRef:
         """Register ``subscription``; its actors start now, or with the engine."""

@@ -41,7 +41,7 @@ from ._routing import (
 from ._runtime import Runtime
 from ._store import Transaction, check_path, check_transact_function
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
-from ._types import Backoff, Overflow, check_int, check_timeout
+from ._types import Overflow, check_int, check_timeout
 
 _T = TypeVar("_T")
 
@@ -266,8 +266,15 @@ class Engine(Spawner):
         without ``key`` the event id spreads them). Callable before the
         engine starts: the subscription then begins with it.
         """
-        return self._add(
-            event_types, handler, name, capacity, partitions, key, overflow, max_attempts, False
+        return self._bus.subscribe(
+            event_types,
+            handler,
+            name=name,
+            capacity=capacity,
+            partitions=partitions,
+            key=key,
+            overflow=overflow,
+            max_attempts=max_attempts,
         )
 
     def project(
@@ -288,38 +295,16 @@ class Engine(Spawner):
         """
         if self.database is None:
             raise EngineError("project needs a database: use Engine('app.db')")
-        return self._add(
-            event_types, projector, name, capacity, 1, None, Overflow.BLOCK, max_attempts, True
-        )
-
-    def _add(
-        self,
-        event_types: tuple[object, ...],
-        handler: object,
-        name: str,
-        capacity: int,
-        partitions: int,
-        key: Callable[[Any], object] | None,
-        overflow: Overflow,
-        max_attempts: int,
-        projection: bool,
-    ) -> SubscriptionRef:
-        bus = self._bus
-        return bus.add(
-            Subscription(
-                bus.routes,
-                event_types,
-                handler,
-                name=name,
-                capacity=capacity,
-                partitions=partitions,
-                key=key,
-                overflow=overflow,
-                max_attempts=max_attempts,
-                backoff=Backoff(),
-                rng=self._runtime.rng,
-                projection=projection,
-            )
+        return self._bus.subscribe(
+            event_types,
+            projector,
+            name=name,
+            capacity=capacity,
+            partitions=1,
+            key=None,
+            overflow=Overflow.BLOCK,
+            max_attempts=max_attempts,
+            projection=True,
         )
 
     def _check_event(self, event: object) -> None:

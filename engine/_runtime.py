@@ -222,32 +222,6 @@ class Runtime:
         """Run ``fn(*args)`` in the engine's task group."""
         self.task_group.start_soon(fn, *args, name=name)
 
-    def _builtin(
-        self, factory: Callable[[], Actor], name: str, capacity: int, overflow: Overflow
-    ) -> tuple[Cell, Actor]:
-        root = self.root
-        if root is None:
-            self.refuse()
-        return root.add_cell(
-            ChildSpec(factory, name, capacity, overflow, Restart.PERMANENT, 1), internal=True
-        )
-
-    async def start_builtin(
-        self,
-        factory: Callable[[], Actor],
-        *,
-        name: str,
-        capacity: int,
-        overflow: Overflow = Overflow.REJECT,
-    ) -> Cell:
-        """Start one of the engine's own actors under the root (PERMANENT, one attempt
-        per message, a name under the reserved prefix); returns once it runs."""
-        cell, instance = self._builtin(factory, name, capacity, overflow)
-        error = await self.task_group.start(cell.run, instance, name=name)
-        if error is not None:  # pragma: no cover - the engine's actors do not fail to start
-            raise error
-        return cell
-
     def start_builtin_soon(
         self,
         factory: Callable[[], Actor],
@@ -256,9 +230,22 @@ class Runtime:
         capacity: int,
         overflow: Overflow = Overflow.REJECT,
     ) -> Cell:
-        """``start_builtin`` for callers that cannot wait (``engine.breaker`` is synchronous)."""
-        cell, instance = self._builtin(factory, name, capacity, overflow)
+        """Start one of the engine's own actors under the root: PERMANENT, one attempt
+        per message, a name under the reserved prefix. Its task starts at the next
+        scheduling point (``engine.breaker`` is synchronous and cannot wait)."""
+        root = self.root
+        if root is None:
+            self.refuse()
+        cell, instance = root.add_cell(
+            ChildSpec(factory, name, capacity, overflow, Restart.PERMANENT, 1), internal=True
+        )
         self.start_task(cell.run, instance, name=name)
+        return cell
+
+    async def start_builtin(self, factory: Callable[[], Actor], **options: Any) -> Cell:
+        """``start_builtin_soon``, returning once the actor's first start is over."""
+        cell = self.start_builtin_soon(factory, **options)
+        await cell.started.wait()
         return cell
 
     # -------------------------------------------------------------- names
