@@ -38,6 +38,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
     seq: int | None = None
     """The event's outbox position, for a durable event."""
+    entry: str | None = None
+    """The stream entry id, for an event a cluster subscription read from Redis."""
 
 
 def describe(error: BaseException | None) -> str | None:
@@ -165,6 +167,7 @@ class DeadLetters:
         error: BaseException | None,
         attempts: int,
         seq: int | None,
+        entry: str | None = None,
     ) -> DeadLetter:
         return DeadLetter(
             id=id_,
@@ -175,6 +178,7 @@ class DeadLetters:
             traceback=format_traceback(error),
             attempts=attempts,
             seq=seq,
+            entry=entry,
         )
 
     def add(
@@ -187,6 +191,7 @@ class DeadLetters:
         attempts: int = 0,
         seq: int | None = None,
         event_type: str | None = None,
+        entry: str | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
         """Record a dead letter; ``then()`` runs once it is recorded.
@@ -199,13 +204,15 @@ class DeadLetters:
         """
         store = self._store
         if store is None:
-            letter = self._letter(next(self._ids), actor, message, reason, error, attempts, seq)
+            letter = self._letter(
+                next(self._ids), actor, message, reason, error, attempts, seq, entry
+            )
             self._remember(letter)
             self._log(letter)
             if then is not None:
                 then()
             return
-        pending = self._letter(0, actor, message, reason, error, attempts, seq)
+        pending = self._letter(0, actor, message, reason, error, attempts, seq, entry)
 
         def written(request: Request) -> None:
             if request.error is not None:  # pragma: no cover - write_row stores any message
@@ -366,7 +373,7 @@ class DeadLetters:
 
 _INSERT = (
     "INSERT INTO dead_letters (subscriber, seq, event_id, type, payload, encoding, reason, "
-    "error, traceback, attempts, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "error, traceback, attempts, at, entry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -377,8 +384,8 @@ def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | No
     if isinstance(message, Event):
         encoding, payload = "event", encode(message)
         event_type, event_id = event_tag(message), str(message.id)
-    elif isinstance(message, bytes) and letter.seq is not None:
-        encoding, payload = "raw", message  # an outbox row that could not be decoded
+    elif isinstance(message, bytes) and (letter.seq is not None or letter.entry is not None):
+        encoding, payload = "raw", message  # an outbox row or stream entry that did not decode
     else:
         try:
             encoding, payload = "msgpack", msgspec.msgpack.encode(message)
@@ -398,6 +405,7 @@ def write_row(conn: sqlite3.Connection, letter: DeadLetter, event_type: str | No
             letter.traceback,
             letter.attempts,
             letter.at.timestamp(),
+            letter.entry,
         ),
     )
     row_id = cursor.lastrowid
@@ -425,9 +433,12 @@ def _summary(
 def read_rows(
     conn: sqlite3.Connection, where: str = "", args: tuple[Any, ...] = (), limit: int = -1
 ) -> list[DeadLetter]:
+    # A database no engine of this version opened yet has no entry column.
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+    entry = "entry" if "entry" in columns else "NULL"
     rows = conn.execute(
-        "SELECT id, subscriber, seq, payload, encoding, reason, error, traceback, attempts, at "
-        f"FROM dead_letters {where} ORDER BY id LIMIT ?",
+        "SELECT id, subscriber, seq, payload, encoding, reason, error, traceback, attempts, at, "
+        f"{entry} FROM dead_letters {where} ORDER BY id LIMIT ?",
         (*args, limit),
     ).fetchall()
     return [from_row(*row) for row in rows]
@@ -444,6 +455,7 @@ def from_row(
     traceback: str | None,
     attempts: int,
     at: float,
+    entry: str | None = None,
 ) -> DeadLetter:
     message: Any = payload
     if payload is not None:
@@ -466,4 +478,5 @@ def from_row(
         attempts=attempts,
         at=datetime.fromtimestamp(at, UTC),
         seq=seq,
+        entry=entry,
     )

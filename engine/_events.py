@@ -266,9 +266,9 @@ class _EventMeta(msgspec.StructMeta):
         return cls
 
 
-# The methods validate() relies on. A field is a slot on the class, so a field with one
-# of these names would replace the method and make validate() call the field's value.
-_METHOD_NAMES: Final = ("validate", "cross_check", "_check")
+# The methods the engine calls on an event. A field is a slot on the class, so a field
+# with one of these names would replace the method and the engine would call its value.
+_METHOD_NAMES: Final = ("validate", "cross_check", "_check", "partition_key")
 
 
 def _refuse_shadowing_fields(cls: type) -> None:
@@ -406,6 +406,14 @@ class Event(
         if validator is None:
             validator = _validator_for(self.__class__)
         validator(self)
+
+    def partition_key(self) -> str:
+        """What picks this event's stream partition in a cluster (the event id by default).
+
+        Override it (``return self.order``) to keep the events of one key in order
+        cluster-wide: events with the same key go to the same partition.
+        """
+        return str(self.id)
 
     def cross_check(self) -> None:
         """Cross-field rules: override, call ``super().cross_check()``, raise

@@ -107,6 +107,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_subscriber ON dead_letters (subscriber);
 """
 
+# Additions within schema version 1: tables and columns with defaults that code
+# which does not know them ignores; made (once) whenever an engine opens the file.
+_ADDITIONS = """
+CREATE TABLE IF NOT EXISTS cluster (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cluster_positions (
+    subscriber TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    ms INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (subscriber, partition)
+);
+"""
+_ADDED_COLUMNS: Final = (("dead_letters", "entry", "TEXT"),)
+
 _INSERT_OUTBOX: Final = (
     "INSERT INTO outbox (id, type, tenant_id, payload, created_at) VALUES (?, ?, ?, ?, ?)"
 )
@@ -269,12 +286,24 @@ def ensure_schema(
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        add_to_schema(conn)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute(commit)
     except BaseException:
         if conn.in_transaction:
             conn.execute(rollback)
         raise
+
+
+def add_to_schema(conn: sqlite3.Connection) -> None:
+    """Make the additions to schema version 1 that are missing (in the caller's transaction)."""
+    for statement in _ADDITIONS.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    for table, column, kind in _ADDED_COLUMNS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class _Guard:
@@ -705,6 +734,7 @@ class Store:
             # here, and a lock held by another process is waited out here.
             writer.execute(self._begin)
             writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            add_to_schema(writer)
             writer.execute(self._commit)
             reader = connect(path, durability=self.durability, timeout=BUSY_TIMEOUT)
             # Foreign keys are enforced (SQLite's default is off); a deferred one

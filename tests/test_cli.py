@@ -285,6 +285,7 @@ def test_list_json(db: str, capsys: pytest.CaptureFixture[str]) -> None:
         "attempts": 1,
         "at": "2024-05-01T12:30:00Z",
         "seq": 5,
+        "entry": None,  # the stream entry id of a dead letter from a cluster stream
     }
 
 
