@@ -239,8 +239,8 @@ class _Breaker(Protocol):
     async def call(self, fn: Callable[..., Awaitable[_T]], /, *args: Any, **kwargs: Any) -> _T: ...
 
 
-def _unavailable(error: BaseException) -> bool:
-    """Whether ``error`` means "the cache cannot serve this call" (vs. a bug)."""
+def is_redis_outage(error: BaseException) -> bool:
+    """Whether ``error`` means "Redis cannot serve this call" (vs. a bug)."""
     from coredis.exceptions import RedisError
 
     kinds = (
@@ -258,10 +258,12 @@ def _unavailable(error: BaseException) -> bool:
     return isinstance(error, kinds)
 
 
+_unavailable = is_redis_outage  # the earlier name
+
 _closing_classes: dict[type[Any], type[Any]] = {}
 
 
-def _closing_connection_class(base: type[Any]) -> type[Any]:
+def closing_connection_class(base: type[Any]) -> type[Any]:
     """``base`` (a coredis connection class) closing its memory streams when it ends.
 
     A coredis 6.x connection creates anyio memory object streams in its
@@ -287,7 +289,7 @@ def _closing_connection_class(base: type[Any]) -> type[Any]:
     return cls
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """``url`` with its password replaced by ``***`` (for messages)."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.password is None:
@@ -300,11 +302,11 @@ def _redact(url: str) -> str:
     )
 
 
-def _check_url(url: object) -> str:
+def check_url(url: object) -> str:
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
     parsed = urllib.parse.urlsplit(url)
-    shown = _redact(url)
+    shown = redact(url)
     if parsed.scheme in ("redis", "rediss"):
         if not parsed.hostname:
             raise ValueError(f"url must name a host (redis://host:port/db), got {shown!r}")
@@ -360,7 +362,7 @@ class RedisCache:
         from coredis.exceptions import ConnectionError as RedisConnectionError
         from coredis.retry import ConstantRetryPolicy
 
-        _check_url(url)
+        check_url(url)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}: {prefix!r}")
         self._prefix = f"{prefix}:" if prefix else ""
@@ -381,9 +383,9 @@ class RedisCache:
                 retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0.0),
             )
         except ValueError as error:  # e.g. a port that is not a number
-            raise ValueError(f"url is not a valid Redis URL: {_redact(url)!r} ({error})") from None
+            raise ValueError(f"url is not a valid Redis URL: {redact(url)!r} ({error})") from None
         pool = client.connection_pool
-        pool.connection_class = _closing_connection_class(pool.connection_class)
+        pool.connection_class = closing_connection_class(pool.connection_class)
         self._client = client
         self._location = str(pool.location)
         self._entered = False
@@ -487,7 +489,7 @@ class RedisCache:
             if isinstance(error, CacheUnavailable):
                 self._errors += 1
                 raise
-            if not _unavailable(error):
+            if not is_redis_outage(error):
                 raise
             self._errors += 1
             raise CacheUnavailable(

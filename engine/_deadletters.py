@@ -120,9 +120,10 @@ class DeadLetters:
         attempts: int,
         *,
         seq: int | None = None,
+        entry: str | None = None,
     ) -> DeadLetter:
         """Write a dead letter in the caller's transaction (the writer thread)."""
-        letter = self._letter(0, actor, message, reason, error, attempts, seq)
+        letter = self._letter(0, actor, message, reason, error, attempts, seq, entry)
         return msgspec.structs.replace(letter, id=write_row(conn, letter))
 
     def restored(self, letter: DeadLetter) -> None:

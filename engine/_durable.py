@@ -384,9 +384,9 @@ class Outbox:
 
     def _committed(self, events: list[tuple[int, Event]]) -> None:
         self.state.committed(events)
-        self._wake_relay()
+        self.wake_relay()
 
-    def _wake_relay(self) -> None:
+    def wake_relay(self) -> None:
         relay = self.relay_cell
         if relay is not None and not relay.closed and not relay.queue:
             # The engine's own tasks count as inside: during the drain the
@@ -670,7 +670,7 @@ class Outbox:
                     head, replays = await store.read(_poll)
                     if head > state.head:
                         state.head = head
-                        self._wake_relay()
+                        self.wake_relay()
                     await self.dead_letters.refresh()
                     for letter_id in replays:
                         await self._replay_requested(letter_id)

@@ -19,6 +19,7 @@ import engine.catalog as catalog
 import engine.events as events
 import engine.tenancy as tenancy
 from actors._breaker import BreakerActor
+from actors._cluster import Forwarder
 from actors._dispatcher import ActorSubscriber, Dispatcher, FunctionSubscriber
 from actors._relay import ProjectionSubscriber, Relay
 from actors._resolver import ResolverActor
@@ -27,6 +28,7 @@ from ._actor import Actor, ActorRef
 from ._backpressure import BackpressureConfig
 from ._breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
+from ._cluster import ClusterLink
 from ._counters import snapshot as counters_snapshot
 from ._deadletters import DeadLetter, DeadLetters
 from ._durable import Outbox, age_seconds
@@ -35,6 +37,7 @@ from ._events import Event
 from ._metrics import EngineMetrics
 from ._resolver import TENANT_RESOLVER, TenantResolver, start_tenant_resolver
 from ._routing import (
+    Scope,
     Subscription,
     SubscriptionRef,
 )
@@ -42,8 +45,13 @@ from ._runtime import Runtime
 from ._store import Transaction, check_path, check_transact_function
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
 from ._types import Overflow, check_int, check_timeout
+from .cluster import RedisStreams
 
 _T = TypeVar("_T")
+
+# The breaker in front of the cluster's Redis: it probes every second, so
+# forwarding resumes soon after Redis answers again.
+_CLUSTER_BREAKER = CircuitBreakerConfig(failure_threshold=3, timeout=1.0)
 
 __all__ = ["Engine", "EngineMetrics"]
 
@@ -80,8 +88,17 @@ class Engine(Spawner):
         dead_letter_limit: int = 10_000,
         storage_timeout: float = 5.0,
         start_timeout: float | None = None,
+        cluster: RedisStreams | None = None,
     ) -> None:
         path = check_path(database)
+        if cluster is not None:
+            if not isinstance(cluster, RedisStreams):
+                raise TypeError(f"cluster must be a RedisStreams, got {type(cluster).__name__}")
+            if path is None:
+                raise ValueError(
+                    "a cluster needs a database: its outbox is where events commit before they "
+                    "are forwarded (Engine('node.db', cluster=...))"
+                )
         check_timeout(shutdown_timeout, "shutdown_timeout", allow_none=False)
         check_timeout(storage_timeout, "storage_timeout", allow_none=False)
         check_timeout(start_timeout, "start_timeout")
@@ -107,7 +124,9 @@ class Engine(Spawner):
         self._breakers = BreakerRegistry(
             runtime, lambda breaker: lambda: BreakerActor(breaker, runtime.start_task)
         )
+        self.cluster = cluster
         self._outbox: Outbox | None = None
+        self._link: ClusterLink | None = None
         if path is not None:
             self._outbox = Outbox(
                 runtime,
@@ -119,6 +138,12 @@ class Engine(Spawner):
                 start_timeout=start_timeout,
             )
             self._bus.tracking = self._outbox
+            if cluster is not None:
+                breaker = self._breakers.get("actorbus.cluster", _CLUSTER_BREAKER)
+                self._link = ClusterLink(
+                    cluster, runtime, self._bus, self._outbox, self.dead_letters, breaker
+                )
+                self._bus.tracking = self._link
 
     def _subscriber(self, subscription: Subscription) -> Callable[[], Actor]:
         """The actor factory of a subscription's partitions."""
@@ -137,12 +162,16 @@ class Engine(Spawner):
         await self._runtime.enter()
         try:
             outbox = self._outbox
+            link = self._link
             if outbox is not None:
                 await outbox.open()
+            if link is not None:
+                await link.connect()
             router = self._bus.router
             await self._bus.start(lambda: Dispatcher(router, outbox))
             if outbox is not None:
-                await outbox.start_relay(lambda: Relay(outbox))
+                relay = (lambda: Forwarder(link)) if link is not None else (lambda: Relay(outbox))
+                await outbox.start_relay(relay)
             self._breakers.start()
             self._bus.start_subscriptions()
         except BaseException as exc:
@@ -161,6 +190,8 @@ class Engine(Spawner):
             try:
                 await self._runtime.stop(drain=exc is None)
             finally:
+                if self._link is not None:
+                    await self._link.stop()
                 if self._outbox is not None:
                     await self._outbox.close()
         except BaseException as shutdown_error:  # handed to the task group below
@@ -240,6 +271,7 @@ class Engine(Spawner):
             validation_failures=validation,
             tenant_rejections=tenants,
             storage=outbox.metrics() if outbox is not None else None,
+            cluster=self._link.metrics() if self._link is not None else None,
         )
 
     # ------------------------------------------------------------- events
@@ -254,6 +286,7 @@ class Engine(Spawner):
         key: Callable[[Any], object] | None = None,
         overflow: Overflow = Overflow.BLOCK,
         max_attempts: int = 3,
+        scope: Scope | None = None,
     ) -> SubscriptionRef:
         """Deliver every published event of ``event_types`` (subclasses included) to ``handler``.
 
@@ -265,7 +298,26 @@ class Engine(Spawner):
         one by a stable hash (same key, same actor, so order per key holds;
         without ``key`` the event id spreads them). Callable before the
         engine starts: the subscription then begins with it.
+
+        With a cluster, ``scope="cluster"`` (the default) makes it one subscriber
+        across every node: each event is handled by one node, in order per
+        ``Event.partition_key()``; ``partitions=``/``key=`` are refused there.
+        ``scope="node"`` gets every event on this node.
         """
+        cluster = self.cluster
+        if scope is None:
+            scope = "cluster" if cluster is not None else "node"
+        if scope == "cluster":
+            if cluster is None:
+                raise ValueError(
+                    "scope='cluster' needs a cluster: Engine('node.db', cluster=RedisStreams(...))"
+                )
+            if partitions != 1 or key is not None:
+                raise ValueError(
+                    "partitions= and key= are refused in cluster scope: its partitions are the "
+                    "cluster's, and events keep their order per Event.partition_key()"
+                )
+            partitions = cluster.partitions
         return self._bus.subscribe(
             event_types,
             handler,
@@ -275,6 +327,7 @@ class Engine(Spawner):
             key=key,
             overflow=overflow,
             max_attempts=max_attempts,
+            scope=scope,
         )
 
     def project(

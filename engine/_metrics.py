@@ -8,6 +8,7 @@ from ._backpressure import BackpressureMetrics
 from ._breaker import BreakerMetrics
 from ._store import StorageMetrics
 from ._types import ActorStatistics
+from .cluster import ClusterMetrics
 
 __all__ = ["EngineMetrics"]
 
@@ -37,3 +38,5 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Tenant identifiers refused in this process, by reason."""
     storage: StorageMetrics | None = None
     """The database's health: outages, retries, writes waiting (None without a database)."""
+    cluster: ClusterMetrics | None = None
+    """This node in the cluster (None without one)."""

@@ -14,7 +14,7 @@ import random
 import zlib
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 from ._actor import Actor, ActorRef, Cell, Tracked
@@ -44,6 +44,7 @@ __all__ = [
 
 EventHandler = Callable[[Any], Awaitable[None]]
 Projector = Callable[[Any, Any], Any]
+Scope = Literal["node", "cluster"]
 
 
 def stable_hash(key: object) -> int:
@@ -80,6 +81,7 @@ class DeadLetterRecorder(Protocol):
         attempts: int = ...,
         seq: int | None = ...,
         event_type: str | None = ...,
+        entry: str | None = ...,
         then: Callable[[], None] | None = ...,
     ) -> None: ...
 
@@ -129,6 +131,8 @@ class Delivery(Tracked):
     """
 
     __slots__ = (
+        "cut_short",
+        "entry",
         "event",
         "remaining",
         "routed",
@@ -144,11 +148,16 @@ class Delivery(Tracked):
         routes: Routes,
         subscription: Subscription | None = None,
         seq: int | None = None,
+        entry: str | None = None,
     ) -> None:
         self.event = event
         self.routes = routes
         # The outbox position of a durable event (None in memory and for replays).
         self.seq = seq
+        # The stream entry id of an event read from a cluster stream.
+        self.entry = entry
+        # Stopped by the engine's shutdown before it was handled: it comes again.
+        self.cut_short = False
         self.remaining = 1
         self.routed = False
         # While the dispatcher waits to hand it on: the subscriptions still without it.
@@ -176,10 +185,11 @@ class Delivery(Tracked):
         # while handing it on) one per subscription still without it.
         stopped_routing = self.routed and cell is routes.dispatcher
         shares = len(self.undelivered) if stopped_routing else 1
-        if reason == "shutdown" and self.seq is not None:
-            # A durable event cut short by shutdown stays in the outbox and its
-            # subscribers' positions stay before it: the next run delivers it.
-            # Only this holder's shares go back: the others give back their own.
+        if reason == "shutdown" and (self.seq is not None or self.entry is not None):
+            # A durable event cut short by shutdown stays in the outbox (or its
+            # stream) and its subscribers' positions stay before it: the next run
+            # delivers it. Only this holder's shares go back: others give back theirs.
+            self.cut_short = True
             for _ in range(shares):
                 self.done()
             return
@@ -215,7 +225,14 @@ class Delivery(Tracked):
             recorded()
         for name in names:
             routes.dead_letters.add(
-                name, self.event, reason, error=error, attempts=attempts, seq=seq, then=recorded
+                name,
+                self.event,
+                reason,
+                error=error,
+                attempts=attempts,
+                seq=seq,
+                entry=self.entry,
+                then=recorded,
             )
 
 
@@ -240,8 +257,11 @@ class Subscription:
         backoff: Backoff,
         rng: random.Random,
         projection: bool = False,
+        scope: Scope = "node",
     ) -> None:
         verb = "project" if projection else "subscribe"
+        if scope not in ("node", "cluster"):
+            raise ValueError(f"scope must be 'cluster' or 'node', got {scope!r}")
         self.event_types = check_event_types(event_types, verb)
         if projection:
             if not callable(handler) or inspect.iscoroutinefunction(handler):
@@ -262,6 +282,7 @@ class Subscription:
         check_enum(overflow, Overflow, "overflow")
         check_int(max_attempts, "max_attempts", 1)
         self.routes = routes
+        self.scope = scope
         self.handler: Any = handler
         self.name = name
         self.capacity = capacity
@@ -348,7 +369,8 @@ class Subscription:
         """Dead-letter ``delivery`` for this subscription and give back its share
         (with a database once the dead letter is stored)."""
         seq = delivery.seq
-        if reason == "shutdown" and seq is not None:
+        if reason == "shutdown" and (seq is not None or delivery.entry is not None):
+            delivery.cut_short = True
             delivery.done()  # durable: the next run delivers it (see Delivery.dead_letter)
             return
         if cell is None and seq is not None and self.cells:
@@ -360,7 +382,13 @@ class Subscription:
                 track.sent(seq)
         finish = delivery.done if cell is None else partial(delivery.finish, cell)
         self.routes.dead_letters.add(
-            self.name, delivery.event, reason, error=error, seq=seq, then=finish
+            self.name,
+            delivery.event,
+            reason,
+            error=error,
+            seq=seq,
+            entry=delivery.entry,
+            then=finish,
         )
 
 

@@ -19,7 +19,16 @@ PACKAGES = [engine, actors]
 # every other module of a package is private (a leading underscore).
 PUBLIC_SUBMODULES = {
     # prometheus is public but optional (the prometheus extra): not imported by engine.
-    "engine": {"asgi", "cache", "catalog", "events", "prometheus", "tenancy", "validation"},
+    "engine": {
+        "asgi",
+        "cache",
+        "catalog",
+        "cluster",
+        "events",
+        "prometheus",
+        "tenancy",
+        "validation",
+    },
     "actors": set(),
 }
 

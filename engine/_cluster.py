@@ -1,0 +1,893 @@
+"""The cluster link: this node's side of the Redis Streams that engines share.
+
+- **Forwarding.** The forwarder actor runs ``ClusterLink.forward`` after each
+  commit: committed outbox rows after the producer's high-water mark go, in
+  ``seq`` order and in batches, through one Lua call that XADDs each to its
+  partition's stream and moves the mark in Redis in the same atomic step, so
+  an event is in the streams exactly once across crashes. The mark is where a
+  restart resumes; a Redis that came back empty (the mark is lower than what
+  this node forwarded) is filled again from what the outbox still holds.
+- **Leases.** Every ``lease_ttl / 3`` the node beats (a sorted set of nodes and
+  their expiry), renews its leases (``SET NX PX`` keys holding a fencing
+  token), gives up partitions above its share (``ceil(partitions / live
+  nodes)``) and takes free ones below it.
+- **Cluster scope.** For each leased partition a reader reads the consumer
+  group's pending entries of that partition first, then new ones, hands each
+  event to the subscription's actor for that partition, waits until it was
+  handled or dead-lettered, and acknowledges it only if the lease is still
+  its own (a fenced XACK).
+- **Node scope.** A reader per partition follows the stream from a position
+  kept in the node's database; a projection's position commits with its writes.
+- **Retention.** The node with the smallest name trims each stream below what
+  every group and every node-scope position passed, and to ``max_len``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ._breaker import CircuitBreaker
+from ._bus import EventBus
+from ._cache import closing_connection_class, is_redis_outage, redact
+from ._deadletters import DeadLetter, DeadLetters
+from ._durable import Outbox, run_projector
+from ._errors import EngineError
+from ._events import Event, EventDecodeError, decode
+from ._routing import Delivery, Routes, Subscription, stable_hash
+from ._runtime import Runtime
+from ._store import Request, Transaction, read_outbox
+from .cluster import ClusterMetrics, RedisStreams
+
+__all__ = ["FORWARDER", "ClusterLink"]
+
+logger = logging.getLogger("actorbus.cluster")
+
+_T = TypeVar("_T")
+
+FORWARDER: Final = "actorbus.cluster.forwarder"
+FORWARD_BATCH: Final = 256
+READ_COUNT: Final = 64
+BLOCK_MS: Final = 200
+RETRY_INITIAL: Final = 0.05
+RETRY_MAX: Final = 1.0
+
+# Moves the producer's high-water mark and XADDs the events above it, atomically.
+# KEYS: the marks hash, then the streams of this batch. ARGV: producer, the seq
+# the caller believes is forwarded, then (seq, index of its stream in KEYS, payload)...
+_FORWARD = """
+local mark = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if mark < tonumber(ARGV[2]) then
+  return {-1, mark}
+end
+local top = mark
+for i = 3, #ARGV, 3 do
+  local seq = tonumber(ARGV[i])
+  if seq > top then
+    local key = KEYS[tonumber(ARGV[i + 1])]
+    redis.call('XADD', key, '*', 'p', ARGV[1], 's', ARGV[i], 'e', ARGV[i + 2])
+    top = seq
+  end
+end
+if top > mark then
+  redis.call('HSET', KEYS[1], ARGV[1], top)
+end
+return {top, mark}
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_ACK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+end
+return -1
+"""
+
+
+class Unavailable(EngineError):
+    """Redis could not serve a cluster call (down, timing out, or its breaker open)."""
+
+
+def parse_id(entry: bytes | str) -> tuple[int, int]:
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(position: tuple[int, int]) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+def _next_id(position: tuple[int, int]) -> str:
+    return f"{position[0]}-{position[1] + 1}"
+
+
+class _Lease:
+    """A partition this node holds: the fencing token and until when it is surely ours."""
+
+    __slots__ = ("held", "key", "partition", "scope", "token", "valid_until")
+
+    def __init__(self, key: str, partition: int, token: str, valid_until: float) -> None:
+        self.key = key
+        self.partition = partition
+        self.token = token
+        self.valid_until = valid_until
+        self.held = True
+        self.scope: anyio.CancelScope | None = None
+
+    def valid(self) -> bool:
+        return self.held and anyio.current_time() < self.valid_until
+
+
+class _Reader:
+    """Hands one entry at a time to a subscription's actor and waits for its outcome."""
+
+    def __init__(self, link: ClusterLink, subscription: Subscription) -> None:
+        self.link = link
+        self.subscription = subscription
+        self.finished = anyio.Event()
+        self.routes = Routes(
+            subscription.routes.router, link.dead_letters, self._done, link.runtime_closing
+        )
+
+    def _done(self) -> None:
+        self.finished.set()
+
+    async def handle(self, partition: int, cell_index: int | None, entry: Any) -> bool:
+        """Handle one stream entry; True when it is finished (handled or dead-lettered),
+        False when the engine cut it short (it comes again)."""
+        link = self.link
+        subscription = self.subscription
+        entry_id = entry.identifier.decode()
+        payload = entry.field_values.get(b"e", b"")
+        try:
+            event = decode(payload)
+        except EventDecodeError as exc:
+            await link.dead_letter(subscription.name, payload, exc, entry_id)
+            return True
+        if not subscription.matches(type(event)):
+            return True
+        self.finished = anyio.Event()
+        delivery = Delivery(event, self.routes, entry=entry_id)
+        delivery.routed = True
+        if cell_index is None:
+            try:
+                cell_index = subscription.index(event)
+            except Exception as exc:
+                subscription.refuse(delivery, "failed", exc)
+                await self.finished.wait()
+                return True
+        await subscription.deliver_to(subscription.cells[cell_index], delivery)
+        await self.finished.wait()
+        return not delivery.cut_short
+
+
+class ClusterLink:
+    """This node in the cluster: forwarding, leases, readers, retention, metrics."""
+
+    def __init__(
+        self,
+        config: RedisStreams,
+        runtime: Runtime,
+        bus: EventBus,
+        outbox: Outbox,
+        dead_letters: DeadLetters,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.bus = bus
+        self.outbox = outbox
+        self.dead_letters = dead_letters
+        self.breaker = breaker
+        ns = config.namespace
+        self._marks = f"{ns}:marks"
+        self._nodes = f"{ns}:nodes"
+        self._fence = f"{ns}:fence"
+        self._meta = f"{ns}:partitions"
+        self._positions = f"{ns}:positions"
+        self.producer = ""
+        self.forwarded = 0
+        self.connected = False
+        self.live_nodes: list[str] = [config.node]
+        self.trimmed = 0
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._client_done: anyio.Event | None = None
+        # The scopes of the link's own tasks (the beat, the readers), and how many run.
+        self._scopes: set[anyio.CancelScope] = set()
+        self._running = 0
+        self._all_stopped: anyio.Event | None = None
+        self._grouped: set[str] = set()
+        self._joined = anyio.Event()
+        # Cluster-scope subscriptions: their leases by partition.
+        self._leased: dict[str, dict[int, _Lease]] = {}
+        self._cluster_subscriptions: dict[str, Subscription] = {}
+        self._lag: dict[str, dict[int, int]] = {}
+        # Node-scope positions to checkpoint: (subscription, partition) -> entry id.
+        self._positions_seen: dict[tuple[str, int], tuple[int, int]] = {}
+        self._positions_saved: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def runtime_closing(self) -> bool:
+        return self.runtime.closing
+
+    @contextlib.contextmanager
+    def _owned_scope(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope ``stop`` cancels, for one of the link's tasks (it waits for
+        them before the client closes)."""
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
+            self._running += 1
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+                self._running -= 1
+                if not self._running and self._all_stopped is not None:
+                    self._all_stopped.set()
+
+    # ------------------------------------------------------------- life
+
+    async def connect(self) -> None:
+        """Connect (the client runs in a task of the engine), learn this database's
+        producer id, and join the namespace; a namespace with another partition count
+        refuses the node. A Redis that does not answer is joined later, in the background."""
+        self.producer = await self.outbox.store.call(_producer_id, kind="cluster", background=True)
+        runtime = self.runtime
+        await runtime.task_group.start(self._run_client, name="actorbus cluster client")
+        try:
+            with anyio.fail_after(min(2.0, self.config.lease_ttl)):
+                await self._join()
+        except EngineError as exc:
+            if not isinstance(exc, Unavailable):
+                raise
+            logger.warning("cluster: Redis does not answer yet (%s); joining when it does", exc)
+        except TimeoutError:
+            logger.warning("cluster: Redis does not answer yet; joining when it does")
+        runtime.start_task(self._run, name="actorbus cluster")
+
+    async def _run_client(self, *, task_status: TaskStatus[None]) -> None:
+        import coredis
+        from coredis.exceptions import ConnectionError as RedisConnectionError
+        from coredis.retry import ConstantRetryPolicy
+
+        client = coredis.Redis.from_url(
+            self.config.url,
+            connect_timeout=1.0,
+            stream_timeout=BLOCK_MS / 1000 + 5.0,
+            retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0.0),
+        )
+        pool = client.connection_pool
+        pool.connection_class = closing_connection_class(pool.connection_class)
+        self._client_done = done = anyio.Event()
+        async with client:
+            self._client = client
+            for name, text in (
+                ("forward", _FORWARD),
+                ("renew", _RENEW),
+                ("release", _RELEASE),
+                ("ack", _ACK),
+            ):
+                self._scripts[name] = client.register_script(text)
+            task_status.started()
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+        self._client = None
+
+    async def stop(self) -> None:
+        """Leave: stop the readers (the entry in hand is finished first), give up every
+        lease and the heartbeat at once, close the client."""
+        leases = [lease for held in self._leased.values() for lease in held.values()]
+        for lease in leases:
+            lease.held = False
+        self._all_stopped = stopped = anyio.Event()
+        for scope in list(self._scopes):
+            scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+            if self._running:
+                await stopped.wait()
+            try:
+                for lease in leases:
+                    await self._release(lease)
+                await self._redis("zrem", self._nodes, [self.config.node])
+                await self._checkpoint_positions()
+            except (Unavailable, TimeoutError) as exc:
+                logger.info(
+                    "cluster: could not leave cleanly (%s); leases expire by themselves", exc
+                )
+        if self._client_done is not None:
+            self._client_done.set()
+
+    async def _redis(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        """The client's ``command(*args, **kwargs)`` under the link's breaker;
+        ``Unavailable`` for any outage."""
+        client = self._client
+        if client is None:
+            raise Unavailable("the cluster client is not running")
+        return await self._call(getattr(client, command), *args, **kwargs)
+
+    async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        """One of the link's Lua scripts, under the breaker."""
+        script = self._scripts.get(name)
+        if script is None:
+            raise Unavailable("the cluster client is not running")
+        return await self._call(script, keys=keys, args=args)
+
+    async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        from coredis.exceptions import StreamConsumerError
+
+        try:
+            result = await self.breaker.call(fn, *args, **kwargs)
+        except StreamConsumerError:
+            raise  # an answer about a consumer group (it exists already): not an outage
+        except Exception as exc:
+            self.connected = False
+            if is_redis_outage(exc):
+                raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        self.connected = True
+        return result
+
+    async def _join(self) -> None:
+        config = self.config
+        import coredis
+
+        await self._redis("set", self._meta, config.partitions, condition=coredis.PureToken.NX)
+        stored = await self._redis("get", self._meta)
+        if stored is not None and int(stored) != config.partitions:
+            raise EngineError(
+                f"cluster namespace {config.namespace!r} on {redact(config.url)} has "
+                f"{int(stored)} partitions; this node was started with {config.partitions} "
+                "(the partition count of a namespace is fixed: changing it is a migration)"
+            )
+        mark = await self._redis("hget", self._marks, self.producer)
+        self.forwarded = int(mark) if mark is not None else 0
+        if not self._joined.is_set():
+            self._joined.set()
+            logger.info(
+                "cluster: node %r joined namespace %r (%d partitions), forwarding from seq %d",
+                config.node,
+                config.namespace,
+                config.partitions,
+                self.forwarded,
+            )
+
+    async def _run(self) -> None:
+        """The node's beat: join, heartbeat, leases, positions, retention, metrics."""
+        interval = self.config.lease_ttl / 3
+        with self._owned_scope():
+            while True:
+                try:
+                    if not self._joined.is_set():
+                        await self._join()
+                        self.outbox.wake_relay()
+                    await self._tick()
+                except Unavailable as exc:
+                    logger.debug("cluster: Redis unavailable (%s)", exc)
+                    self._expire_leases()
+                await anyio.sleep(interval)
+
+    # --------------------------------------------------------------- forwarding
+
+    def partition_of(self, event: Event | None, seq: int) -> int:
+        key: object = event.partition_key() if event is not None else seq
+        return stable_hash(key) % self.config.partitions
+
+    async def forward(self) -> None:
+        """Forward committed outbox events after the mark (the forwarder actor)."""
+        outbox = self.outbox
+        runtime = self.runtime
+        delay = RETRY_INITIAL
+        while not runtime.stopping and self._joined.is_set():
+            if self.forwarded >= outbox.head:
+                return
+            start = self.forwarded
+            rows = await outbox.store.read(partial(read_outbox, after=start, limit=FORWARD_BATCH))
+            if not rows:
+                return
+            keys = [self._marks]
+            index: dict[int, int] = {}
+            args: list[Any] = [self.producer, start]
+            for row in rows:
+                partition = self.partition_of(row.event, row.seq)
+                slot = index.get(partition)
+                if slot is None:
+                    keys.append(self.config.stream(partition))
+                    slot = index[partition] = len(keys)
+                args.extend((row.seq, slot, row.payload))
+            try:
+                top, mark = await self._script("forward", keys, args)
+            except Unavailable:
+                if runtime.closing:
+                    return  # the outbox keeps them: the next run forwards them
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_INITIAL
+            if int(top) < 0:
+                logger.warning(
+                    "cluster: Redis holds seq %d for this node, %d was forwarded: Redis lost "
+                    "data; forwarding again what the outbox holds from there",
+                    int(mark),
+                    start,
+                )
+                self.forwarded = int(mark)
+                continue
+            self.forwarded = int(top)
+            self._save_forwarded(int(top))
+
+    def _save_forwarded(self, seq: int) -> None:
+        """The forwarder's position in ``tracking``: prune keeps what is not forwarded."""
+
+        def save(tx: Transaction) -> None:
+            tx.conn.execute(
+                "INSERT INTO tracking (subscriber, partition, position, partitions, kind, "
+                "updated_at) VALUES (?, 0, ?, 1, 'forwarder', ?) ON CONFLICT (subscriber, "
+                "partition) DO UPDATE SET position = max(position, excluded.position), "
+                "updated_at = excluded.updated_at",
+                (FORWARDER, seq, time.time()),
+            )
+
+        self.outbox.store.submit(Request(save, kind="positions"), bounded=False)
+
+    @property
+    def forwarding_lag(self) -> int:
+        return max(0, self.outbox.head - self.forwarded)
+
+    # --------------------------------------------------------------- subscriptions
+
+    def track(self, subscription: Subscription) -> None:
+        subscription.live = False  # fed from the streams, never by the local dispatcher
+
+    def start(self, subscription: Subscription) -> None:
+        if subscription.scope == "cluster":
+            self._cluster_subscriptions[subscription.name] = subscription
+            self._leased[subscription.name] = {}
+            return
+        for partition in range(self.config.partitions):
+            self.runtime.start_task(
+                self._follow,
+                subscription,
+                partition,
+                name=f"cluster follow {subscription.name}:{partition}",
+            )
+
+    async def replay_projection(
+        self, subscription: Subscription, event: Event, letter: DeadLetter
+    ) -> None:
+        await self.outbox.replay_projection(subscription, event, letter)
+
+    async def dead_letter(self, name: str, message: Any, error: BaseException, entry: str) -> None:
+        """Dead-letter an entry that does not decode; returns once it is stored."""
+        stored = anyio.Event()
+        self.dead_letters.add(
+            name, message, "failed", error=error, attempts=1, entry=entry, then=stored.set
+        )
+        await stored.wait()
+
+    # ---------------------------------------------------------------------- leases
+
+    async def _tick(self) -> None:
+        config = self.config
+        node = config.node
+        ttl_ms = int(config.lease_ttl * 1000)
+        now = await self._redis("time")
+        now_ms = int(now.timestamp() * 1000)
+        # A node is live while its beat is younger than 1.5 lease TTLs: one late beat
+        # does not drop it, and a dead one is gone before its leases are retaken.
+        await self._redis("zadd", self._nodes, {node: now_ms + ttl_ms * 3 // 2})
+        await self._redis("zremrangebyscore", self._nodes, "-inf", now_ms)
+        live = await self._redis("zrangebyscore", self._nodes, now_ms, "+inf")
+        nodes = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in live)
+        if node not in nodes:
+            nodes = sorted([*nodes, node])
+        if nodes != self.live_nodes:
+            logger.info("cluster: live nodes %s", ", ".join(nodes))
+        self.live_nodes = nodes
+        share = math.ceil(config.partitions / len(nodes))
+        for name, subscription in self._cluster_subscriptions.items():
+            if name not in self._grouped:
+                # Every partition's group exists before entries are trimmed or read.
+                for partition in range(config.partitions):
+                    await self._ensure_group(config.stream(partition), name)
+                self._grouped.add(name)
+            await self._balance(subscription, self._leased[name], share)
+        await self._checkpoint_positions()
+        await self._observe(leader=nodes[0] == node)
+
+    async def _balance(
+        self, subscription: Subscription, leases: dict[int, _Lease], share: int
+    ) -> None:
+        config = self.config
+        ttl_ms = int(config.lease_ttl * 1000)
+        for partition, lease in list(leases.items()):
+            started = anyio.current_time()
+            ok = await self._script("renew", [lease.key], [lease.token, ttl_ms])
+            if int(ok) == 1:
+                lease.valid_until = started + config.lease_ttl * 0.9
+            else:
+                logger.warning(
+                    "cluster: lost the lease of %r partition %d", subscription.name, partition
+                )
+                self._drop(subscription.name, lease)
+        if len(leases) > share:
+            for partition in sorted(leases, reverse=True)[: len(leases) - share]:
+                lease = leases[partition]
+                logger.info(
+                    "cluster: handing partition %d of %r on (share %d)",
+                    partition,
+                    subscription.name,
+                    share,
+                )
+                await self._hand_over(subscription.name, lease)
+            self._rebalanced(subscription.name)
+            return
+        if len(leases) >= share:
+            return
+        import coredis
+
+        offset = stable_hash(config.node) % config.partitions
+        before = len(leases)
+        for step in range(config.partitions):
+            if len(leases) >= share:
+                break
+            partition = (offset + step) % config.partitions
+            if partition in leases:
+                continue
+            key = f"{config.namespace}:lease:{subscription.name}:{partition}"
+            fence = await self._redis("incr", self._fence)
+            token = f"{config.node}/{fence}"
+            started = anyio.current_time()
+            taken = await self._redis("set", key, token, condition=coredis.PureToken.NX, px=ttl_ms)
+            if not taken:
+                continue
+            lease = _Lease(key, partition, token, started + config.lease_ttl * 0.9)
+            leases[partition] = lease
+            self.runtime.start_task(
+                self._consume,
+                subscription,
+                lease,
+                name=f"cluster consume {subscription.name}:{partition}",
+            )
+        if len(leases) != before:
+            self._rebalanced(subscription.name)
+
+    def _rebalanced(self, name: str) -> None:
+        owned = sorted(self._leased[name])
+        logger.info(
+            "cluster: node %r holds partitions %s of %r",
+            self.config.node,
+            owned,
+            name,
+            extra={"subscriber": name},
+        )
+
+    def _drop(self, name: str, lease: _Lease) -> None:
+        lease.held = False
+        self._leased[name].pop(lease.partition, None)
+        if lease.scope is not None:
+            lease.scope.cancel()
+
+    def _expire_leases(self) -> None:
+        """Redis does not answer: leases this node cannot renew are not its own anymore."""
+        for name, leases in self._leased.items():
+            for lease in list(leases.values()):
+                if not lease.valid():
+                    logger.warning(
+                        "cluster: the lease of %r partition %d ran out while Redis was away",
+                        name,
+                        lease.partition,
+                    )
+                    self._drop(name, lease)
+
+    async def _hand_over(self, name: str, lease: _Lease) -> None:
+        """Stop reading ``lease``'s partition (the entry in hand is finished and
+        acknowledged first), then release it for another node."""
+        lease.held = False
+        self._leased[name].pop(lease.partition, None)
+        await self._release(lease)
+
+    async def _release(self, lease: _Lease) -> None:
+        lease.held = False
+        await self._script("release", [lease.key], [lease.token])
+
+    # ------------------------------------------------------------------- readers
+
+    async def _consume(self, subscription: Subscription, lease: _Lease) -> None:
+        """Handle one leased partition of a cluster-scope subscription: its pending
+        entries first, then new ones; each acknowledged only while the lease holds."""
+        config = self.config
+        runtime = self.runtime
+        partition = lease.partition
+        stream = config.stream(partition)
+        group = subscription.name
+        consumer = str(partition)
+        reader = _Reader(self, subscription)
+        cursor = "0"  # this partition's pending entries (its consumer's) first
+        delay = RETRY_INITIAL
+        with self._owned_scope() as scope:
+            lease.scope = scope
+            try:
+                while lease.valid() and not runtime.closing:
+                    try:
+                        if cursor == "0":
+                            await self._ensure_group(stream, group)
+                        found = await self._redis(
+                            "xreadgroup",
+                            group,
+                            consumer,
+                            {stream: cursor},
+                            count=READ_COUNT,
+                            block=None if cursor == "0" else BLOCK_MS,
+                        )
+                    except Unavailable:
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX)
+                        continue
+                    delay = RETRY_INITIAL
+                    entries = found.get(stream.encode(), ()) if found else ()
+                    if not entries:
+                        cursor = ">"
+                        continue
+                    for entry in entries:
+                        if not lease.valid() or runtime.stopping:
+                            return
+                        if not await self._handle_leased(reader, lease, stream, group, entry):
+                            return
+            finally:
+                lease.scope = None
+
+    async def _handle_leased(
+        self, reader: _Reader, lease: _Lease, stream: str, group: str, entry: Any
+    ) -> bool:
+        """Handle one entry of a leased partition and acknowledge it while the lease holds;
+        False when reading must stop (cut short by shutdown, or the lease moved on)."""
+        runtime = self.runtime
+        runtime.busy()
+        try:
+            with anyio.CancelScope(shield=True):
+                if not await reader.handle(lease.partition, lease.partition, entry):
+                    return False
+                try:
+                    acked = await self._script(
+                        "ack", [lease.key, stream], [lease.token, group, entry.identifier]
+                    )
+                except Unavailable:
+                    return False  # not acknowledged: handled again (at least once)
+        finally:
+            runtime.idle()
+        if int(acked) < 0:
+            logger.warning(
+                "cluster: partition %d of %r moved on; entry %s not acknowledged",
+                lease.partition,
+                group,
+                entry.identifier.decode(),
+            )
+            self._drop(group, lease)
+            return False
+        return True
+
+    async def _ensure_group(self, stream: str, group: str) -> None:
+        from coredis.exceptions import StreamDuplicateConsumerGroupError
+
+        with contextlib.suppress(StreamDuplicateConsumerGroupError):  # made by another node
+            await self._redis("xgroup_create", stream, group, identifier="0", mkstream=True)
+
+    async def _follow(self, subscription: Subscription, partition: int) -> None:
+        """Read every entry of one partition for a node-scope subscription or a
+        projection, from the position kept in this node's database."""
+        runtime = self.runtime
+        stream = self.config.stream(partition)
+        name = subscription.name
+        position = await self.outbox.store.read(lambda conn: _load_position(conn, name, partition))
+        reader = _Reader(self, subscription)
+        delay = RETRY_INITIAL
+        # Known from the start: retention keeps what this reader has not read yet.
+        self._positions_seen[(name, partition)] = position
+        with self._owned_scope():
+            await self._joined.wait()
+            while not runtime.closing:
+                try:
+                    found = await self._redis(
+                        "xread", {stream: format_id(position)}, count=READ_COUNT, block=BLOCK_MS
+                    )
+                except Unavailable:
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                delay = RETRY_INITIAL
+                entries = found.get(stream.encode(), ()) if found else ()
+                for entry in entries:
+                    if runtime.stopping:
+                        return
+                    entry_position = parse_id(entry.identifier)
+                    runtime.busy()
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            if subscription.projector is not None:
+                                await self._project(subscription, partition, entry)
+                            elif not await reader.handle(partition, None, entry):
+                                return
+                            self._positions_seen[(name, partition)] = entry_position
+                    finally:
+                        runtime.idle()
+                    position = entry_position
+
+    async def _project(self, subscription: Subscription, partition: int, entry: Any) -> None:
+        """Apply one entry to a projection, exactly once: its writes, its dead letter
+        (if it keeps failing) and its position commit together."""
+        projector = subscription.projector
+        assert projector is not None
+        name = subscription.name
+        entry_id = entry.identifier.decode()
+        position = parse_id(entry_id)
+        payload = entry.field_values.get(b"e", b"")
+        dead_letters = self.dead_letters
+        attempts = subscription.max_attempts
+
+        def apply(tx: Transaction) -> DeadLetter | None:
+            conn = tx.conn
+            row = conn.execute(
+                "SELECT ms, seq FROM cluster_positions WHERE subscriber = ? AND partition = ?",
+                (name, partition),
+            ).fetchone()
+            if row is not None and (row[0], row[1]) >= position:
+                return None  # applied before a crash: exactly once
+            letter = None
+            try:
+                event = decode(payload)
+            except EventDecodeError as exc:
+                letter = dead_letters.insert_row(
+                    conn, name, bytes(payload), "failed", exc, 1, entry=entry_id
+                )
+            else:
+                if subscription.matches(type(event)):
+                    error = run_projector(tx, projector, event, attempts)
+                    if error is not None:
+                        letter = dead_letters.insert_row(
+                            conn, name, event, "failed", error, attempts, entry=entry_id
+                        )
+            _save_position(conn, name, partition, position)
+            return letter
+
+        letter = await self.outbox.store.call(apply, kind="projection", background=True)
+        if letter is not None:
+            dead_letters.restored(letter)
+
+    async def _checkpoint_positions(self) -> None:
+        """Save the node-scope positions that moved; publish them for retention."""
+        moved = {
+            key: position
+            for key, position in self._positions_seen.items()
+            if self._positions_saved.get(key) != position
+        }
+        if not moved:
+            return
+
+        def save(tx: Transaction) -> None:
+            for (name, partition), position in moved.items():
+                _save_position(tx.conn, name, partition, position)
+
+        await self.outbox.store.call(save, kind="positions", background=True)
+        self._positions_saved.update(moved)
+        node = self.config.node
+        await self._redis(
+            "hset",
+            self._positions,
+            {f"{node}|{n}|{p}": format_id(pos) for (n, p), pos in moved.items()},
+        )
+
+    # --------------------------------------------------------------- retention
+
+    async def _observe(self, *, leader: bool) -> None:
+        """Lag per cluster-scope subscription and partition; the leader trims."""
+        import coredis
+
+        config = self.config
+        lag: dict[str, dict[int, int]] = {name: {} for name in self._cluster_subscriptions}
+        positions: dict[int, list[tuple[int, int]]] = {}
+        if leader:
+            published = await self._redis("hgetall", self._positions)
+            for field, value in published.items():
+                text = field.decode() if isinstance(field, bytes) else str(field)
+                try:
+                    partition = int(text.rsplit("|", 1)[1])
+                    positions.setdefault(partition, []).append(parse_id(value))
+                except (IndexError, ValueError):
+                    continue
+        for partition in range(config.partitions):
+            stream = config.stream(partition)
+            groups = await self._redis("xinfo_groups", stream)
+            floors: list[tuple[int, int]] = []
+            for group in groups:
+                name = group[b"name"].decode()
+                if name in lag and group.get(b"lag") is not None:
+                    lag[name][partition] = int(group[b"lag"])
+                if leader:
+                    floors.append(await self._group_floor(stream, name, group))
+            if not leader:
+                continue
+            floors.extend((ms, seq + 1) for ms, seq in positions.get(partition, ()))
+            if floors:
+                trimmed = await self._redis(
+                    "xtrim", stream, coredis.PureToken.MINID, format_id(min(floors))
+                )
+                self.trimmed += int(trimmed)
+            if config.max_len is not None:
+                trimmed = await self._redis(
+                    "xtrim", stream, coredis.PureToken.MAXLEN, config.max_len
+                )
+                self.trimmed += int(trimmed)
+        self._lag = lag
+
+    async def _group_floor(self, stream: str, name: str, group: Any) -> tuple[int, int]:
+        """The lowest entry id ``name`` still needs: its oldest pending one, or the one
+        after the last it was given."""
+        if int(group.get(b"pending") or 0):
+            summary = await self._redis("xpending", stream, name)
+            lowest = summary.minimum_identifier
+            if lowest is not None:
+                return parse_id(lowest)
+        last = parse_id(group.get(b"last-delivered-id") or b"0-0")
+        return (last[0], last[1] + 1)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(self) -> ClusterMetrics:
+        return ClusterMetrics(
+            node=self.config.node,
+            connected=self.connected,
+            live_nodes=list(self.live_nodes),
+            owned={name: sorted(leases) for name, leases in self._leased.items()},
+            forwarding_lag=self.forwarding_lag,
+            lag={name: dict(parts) for name, parts in self._lag.items()},
+            trimmed=self.trimmed,
+        )
+
+
+def _producer_id(tx: Transaction) -> str:
+    """This database's producer id: random, made once and kept in the database."""
+    import secrets
+
+    conn = tx.conn
+    row = conn.execute("SELECT value FROM cluster WHERE key = 'producer'").fetchone()
+    if row is not None:
+        return str(row[0])
+    producer = secrets.token_hex(8)
+    conn.execute("INSERT INTO cluster (key, value) VALUES ('producer', ?)", (producer,))
+    return producer
+
+
+def _load_position(conn: Any, name: str, partition: int) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT ms, seq FROM cluster_positions WHERE subscriber = ? AND partition = ?",
+        (name, partition),
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row is not None else (0, 0)
+
+
+def _save_position(conn: Any, name: str, partition: int, position: tuple[int, int]) -> None:
+    conn.execute(
+        "INSERT INTO cluster_positions (subscriber, partition, ms, seq) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (subscriber, partition) DO UPDATE SET ms = excluded.ms, seq = excluded.seq "
+        "WHERE (excluded.ms, excluded.seq) > (ms, seq)",
+        (name, partition, position[0], position[1]),
+    )
