@@ -22,7 +22,15 @@ from ._backpressure import (
 from ._deadletters import DeadLetter
 from ._errors import ActorStopped, EngineError
 from ._events import Event, decode
-from ._routing import DeadLetterRecorder, Delivery, Router, Routes, Subscription, SubscriptionRef
+from ._routing import (
+    DeadLetterRecorder,
+    Delivery,
+    Router,
+    Routes,
+    Scope,
+    Subscription,
+    SubscriptionRef,
+)
 from ._runtime import RESERVED_PREFIX, Runtime
 from ._supervision import ChildSpec
 from ._types import Backoff, Overflow, Restart, Strategy
@@ -69,6 +77,9 @@ class EventBus:
         self._pending: list[Subscription] = []
         self.dispatcher: Cell | None = None
         self.tracking: Tracking | None = None
+        # With a cluster: its partition count (a cluster-scope subscription has one
+        # actor per partition), and subscriptions are in cluster scope by default.
+        self.cluster_partitions: int | None = None
 
     def _closing(self) -> bool:
         return self.runtime.closing
@@ -97,15 +108,35 @@ class EventBus:
             raise ValueError(f"a subscription named {name!r} already exists")
 
     def subscribe(
-        self, event_types: tuple[object, ...], handler: object, **options: Any
+        self,
+        event_types: tuple[object, ...],
+        handler: object,
+        *,
+        scope: Scope | None = None,
+        **options: Any,
     ) -> SubscriptionRef:
         """A new subscription (``options`` as ``Subscription`` takes and checks them)."""
+        partitions = self.cluster_partitions
+        if scope is None:
+            scope = "cluster" if partitions is not None else "node"
+        if scope == "cluster":
+            if partitions is None:
+                raise ValueError(
+                    "scope='cluster' needs a cluster: Engine('node.db', cluster=RedisStreams(...))"
+                )
+            if options.get("partitions", 1) != 1 or options.get("key") is not None:
+                raise ValueError(
+                    "partitions= and key= are refused in cluster scope: its partitions are the "
+                    "cluster's, and events keep their order per Event.partition_key()"
+                )
+            options["partitions"] = partitions
         subscription = Subscription(
             self.routes,
             event_types,
             handler,
             backoff=Backoff(),
             rng=self.runtime.rng,
+            scope=scope,
             **options,
         )
         return self.add(subscription)

@@ -9,6 +9,7 @@ Usage::
     python -m engine dead-letters PATH purge [--subscriber NAME]
     python -m engine prune PATH --older-than AGE
     python -m engine forget PATH NAME
+    python -m engine cluster status URL --namespace NS [--json] [--timeout SECONDS]
 
 ``status``, ``list`` and ``show`` open the database read-only. ``replay``, ``purge``
 and ``prune`` write in one ``BEGIN IMMEDIATE`` transaction, safe next to a running
@@ -21,6 +22,11 @@ positions of a subscription (or projection) that is no longer run, so it stops
 holding back ``prune``; were it registered again, it would start over from the
 oldest retained event.
 
+``cluster status`` reads the Redis of a cluster (never a database): the nodes and
+when their heartbeats expire, the partition count, who holds each partition of each
+cluster-scope subscription, each partition's lag and pending entries, the stream
+lengths and how far each producer has forwarded.
+
 Errors are one line on stderr (``error: ...``) with exit status 1; bad arguments
 exit with status 2. Text from the database or the filesystem (names, paths, errors,
 tracebacks) is printed with control characters escaped (``\\x1b``, ``\\r``, ``\\n``...): a
@@ -31,6 +37,7 @@ split one line into two. Only ``show`` keeps the line breaks of an error and tra
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sqlite3
 import sys
@@ -40,10 +47,13 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+import anyio
 import msgspec
 
+from ._cache import check_url, closing_connection_class, is_redis_outage, redact
 from ._deadletters import DeadLetter, read_rows
 from ._store import SCHEMA_VERSION, connect, parse_age, prune_outbox, read_status
+from .cluster import MAX_PARTITIONS, RedisStreams
 
 __all__ = ["main"]
 

@@ -358,6 +358,8 @@ class ClusterLink:
                 f"{int(stored)} partitions; this node was started with {config.partitions} "
                 "(the partition count of a namespace is fixed: changing it is a migration)"
             )
+        if self._joined.is_set():
+            return
         mark = await self._redis("hget", self._marks, self.producer)
         self.forwarded = int(mark) if mark is not None else 0
         if not self._joined.is_set():
@@ -376,9 +378,8 @@ class ClusterLink:
         with self._owned_scope():
             while True:
                 try:
-                    if not self._joined.is_set():
-                        await self._join()
-                        self.outbox.wake_relay()
+                    await self._join()  # each beat: an empty Redis forgets the namespace
+                    self.outbox.wake_relay()
                     await self._tick()
                 except Unavailable as exc:
                     logger.debug("cluster: Redis unavailable (%s)", exc)
@@ -511,7 +512,7 @@ class ClusterLink:
                 self._grouped.add(name)
             await self._balance(subscription, self._leased[name], share)
         await self._checkpoint_positions()
-        await self._observe(leader=nodes[0] == node)
+        await self._observe(leader=nodes[0] == node, now_ms=now_ms)
 
     async def _balance(
         self, subscription: Subscription, leases: dict[int, _Lease], share: int
@@ -621,6 +622,8 @@ class ClusterLink:
         group = subscription.name
         consumer = str(partition)
         reader = _Reader(self, subscription)
+        from coredis.exceptions import StreamConsumerGroupError
+
         cursor = "0"  # this partition's pending entries (its consumer's) first
         delay = RETRY_INITIAL
         with self._owned_scope() as scope:
@@ -641,6 +644,11 @@ class ClusterLink:
                     except Unavailable:
                         await anyio.sleep(delay)
                         delay = min(delay * 2, RETRY_MAX)
+                        continue
+                    except StreamConsumerGroupError:
+                        # The group is gone (Redis restarted without its data): made again,
+                        # it reads the stream from its start (what was forwarded again).
+                        await self._ensure_group(stream, group)
                         continue
                     delay = RETRY_INITIAL
                     entries = found.get(stream.encode(), ()) if found else ()
@@ -704,6 +712,7 @@ class ClusterLink:
         self._positions_seen[(name, partition)] = position
         with self._owned_scope():
             await self._joined.wait()
+            await self._publish_position(name, partition, position)
             while not runtime.closing:
                 try:
                     found = await self._redis(
@@ -739,7 +748,13 @@ class ClusterLink:
         name = subscription.name
         entry_id = entry.identifier.decode()
         position = parse_id(entry_id)
-        payload = entry.field_values.get(b"e", b"")
+        fields = entry.field_values
+        payload = fields.get(b"e", b"")
+        producer = bytes(fields.get(b"p", b"")).decode("utf-8", "replace")
+        try:
+            seq = int(fields.get(b"s", b"0"))
+        except ValueError:
+            seq = 0
         dead_letters = self.dead_letters
         attempts = subscription.max_attempts
 
@@ -751,6 +766,16 @@ class ClusterLink:
             ).fetchone()
             if row is not None and (row[0], row[1]) >= position:
                 return None  # applied before a crash: exactly once
+            # By producer and seq too: events forwarded again (Redis lost its data)
+            # come back under new entry ids.
+            applied = conn.execute(
+                "SELECT seq FROM cluster_applied WHERE subscriber = ? AND partition = ? "
+                "AND producer = ?",
+                (name, partition, producer),
+            ).fetchone()
+            if producer and seq and applied is not None and applied[0] >= seq:
+                _save_position(conn, name, partition, position)
+                return None
             letter = None
             try:
                 event = decode(payload)
@@ -766,11 +791,24 @@ class ClusterLink:
                             conn, name, event, "failed", error, attempts, entry=entry_id
                         )
             _save_position(conn, name, partition, position)
+            if producer and seq:
+                conn.execute(
+                    "INSERT INTO cluster_applied (subscriber, partition, producer, seq) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (subscriber, partition, producer) "
+                    "DO UPDATE SET seq = max(seq, excluded.seq)",
+                    (name, partition, producer, seq),
+                )
             return letter
 
         letter = await self.outbox.store.call(apply, kind="projection", background=True)
         if letter is not None:
             dead_letters.restored(letter)
+
+    async def _publish_position(self, name: str, partition: int, position: tuple[int, int]) -> None:
+        """Tell retention where a node-scope reader starts, before it reads."""
+        field = f"{self.config.node}|{name}|{partition}"
+        with contextlib.suppress(Unavailable):  # the next checkpoint publishes it
+            await self._redis("hsetnx", self._positions, field, format_id(position))
 
     async def _checkpoint_positions(self) -> None:
         """Save the node-scope positions that moved; publish them for retention."""
@@ -797,7 +835,7 @@ class ClusterLink:
 
     # --------------------------------------------------------------- retention
 
-    async def _observe(self, *, leader: bool) -> None:
+    async def _observe(self, *, leader: bool, now_ms: int) -> None:
         """Lag per cluster-scope subscription and partition; the leader trims."""
         import coredis
 
@@ -827,6 +865,9 @@ class ClusterLink:
                 continue
             floors.extend((ms, seq + 1) for ms, seq in positions.get(partition, ()))
             if floors:
+                # Entries younger than two lease TTLs stay whatever the floors say: a
+                # node starting now registers its readers' positions within that time.
+                floors.append((now_ms - int(2000 * config.lease_ttl), 0))
                 trimmed = await self._redis(
                     "xtrim", stream, coredis.PureToken.MINID, format_id(min(floors))
                 )

@@ -144,6 +144,7 @@ class Engine(Spawner):
                     cluster, runtime, self._bus, self._outbox, self.dead_letters, breaker
                 )
                 self._bus.tracking = self._link
+                self._bus.cluster_partitions = cluster.partitions
 
     def _subscriber(self, subscription: Subscription) -> Callable[[], Actor]:
         """The actor factory of a subscription's partitions."""
@@ -304,20 +305,6 @@ class Engine(Spawner):
         ``Event.partition_key()``; ``partitions=``/``key=`` are refused there.
         ``scope="node"`` gets every event on this node.
         """
-        cluster = self.cluster
-        if scope is None:
-            scope = "cluster" if cluster is not None else "node"
-        if scope == "cluster":
-            if cluster is None:
-                raise ValueError(
-                    "scope='cluster' needs a cluster: Engine('node.db', cluster=RedisStreams(...))"
-                )
-            if partitions != 1 or key is not None:
-                raise ValueError(
-                    "partitions= and key= are refused in cluster scope: its partitions are the "
-                    "cluster's, and events keep their order per Event.partition_key()"
-                )
-            partitions = cluster.partitions
         return self._bus.subscribe(
             event_types,
             handler,
@@ -358,6 +345,7 @@ class Engine(Spawner):
             overflow=Overflow.BLOCK,
             max_attempts=max_attempts,
             projection=True,
+            scope="node",  # a projection is the node's own, in any engine
         )
 
     def _check_event(self, event: object) -> None:

@@ -121,6 +121,13 @@ CREATE TABLE IF NOT EXISTS cluster_positions (
     seq INTEGER NOT NULL,
     PRIMARY KEY (subscriber, partition)
 );
+CREATE TABLE IF NOT EXISTS cluster_applied (
+    subscriber TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    producer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (subscriber, partition, producer)
+);
 """
 _ADDED_COLUMNS: Final = (("dead_letters", "entry", "TEXT"),)
 
