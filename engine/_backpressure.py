@@ -87,6 +87,17 @@ class BackpressureConfig(msgspec.Struct, frozen=True, kw_only=True):
                 f"exceed the warning threshold {self.warning_depth}"
             )
 
+    @classmethod
+    def checked(cls, config: object) -> BackpressureConfig:
+        """``Engine``'s ``backpressure`` argument: a config, or None for the defaults."""
+        if config is None:
+            return cls()
+        if not isinstance(config, BackpressureConfig):
+            raise TypeError(
+                f"backpressure must be a BackpressureConfig, got {type(config).__name__}"
+            )
+        return config
+
     @property
     def warning_depth(self) -> int:
         return int(self.max_depth * self.warning)

@@ -29,12 +29,11 @@ from ._backpressure import BackpressureConfig
 from ._breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
 from ._cluster import ClusterLink
-from ._counters import snapshot as counters_snapshot
 from ._deadletters import DeadLetter, DeadLetters
 from ._durable import Outbox, age_seconds
 from ._errors import EngineError
 from ._events import Event
-from ._metrics import EngineMetrics
+from ._metrics import EngineMetrics, snapshot
 from ._resolver import TENANT_RESOLVER, TenantResolver, start_tenant_resolver
 from ._routing import (
     Scope,
@@ -45,7 +44,7 @@ from ._runtime import Runtime
 from ._store import Transaction, check_path, check_transact_function
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
 from ._types import Overflow, check_int, check_timeout
-from .cluster import RedisStreams
+from .cluster import RedisStreams, check_cluster
 
 _T = TypeVar("_T")
 
@@ -91,27 +90,14 @@ class Engine(Spawner):
         cluster: RedisStreams | None = None,
     ) -> None:
         path = check_path(database)
-        if cluster is not None:
-            if not isinstance(cluster, RedisStreams):
-                raise TypeError(f"cluster must be a RedisStreams, got {type(cluster).__name__}")
-            if path is None:
-                raise ValueError(
-                    "a cluster needs a database: its outbox is where events commit before they "
-                    "are forwarded (Engine('node.db', cluster=...))"
-                )
+        check_cluster(cluster, path)
         check_timeout(shutdown_timeout, "shutdown_timeout", allow_none=False)
         check_timeout(storage_timeout, "storage_timeout", allow_none=False)
         check_timeout(start_timeout, "start_timeout")
         if durability not in ("full", "normal"):
             raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
         check_int(dead_letter_limit, "dead_letter_limit", 1)
-        if backpressure is None:
-            backpressure = BackpressureConfig()
-        elif not isinstance(backpressure, BackpressureConfig):
-            raise TypeError(
-                f"backpressure must be a BackpressureConfig, got {type(backpressure).__name__}"
-            )
-        self.backpressure = backpressure
+        self.backpressure = backpressure = BackpressureConfig.checked(backpressure)
         self.database = path
         self.shutdown_timeout = float(shutdown_timeout)
         self.storage_timeout = float(storage_timeout)
@@ -258,21 +244,8 @@ class Engine(Spawner):
 
     def metrics(self) -> EngineMetrics:
         """A snapshot of every actor's statistics and the engine's counters."""
-        validation, tenants = counters_snapshot()
-        outbox = self._outbox
-        return EngineMetrics(
-            actors=self._runtime.statistics(),
-            in_flight=self._runtime.in_flight(),
-            dead_letters=self.dead_letters.count(),
-            dead_letters_total=self.dead_letters.total,
-            backpressure=self._bus.metrics(),
-            outbox_head=outbox.head if outbox is not None else 0,
-            lag=outbox.lag() if outbox is not None else {},
-            breakers=self._breakers.metrics(),
-            validation_failures=validation,
-            tenant_rejections=tenants,
-            storage=outbox.metrics() if outbox is not None else None,
-            cluster=self._link.metrics() if self._link is not None else None,
+        return snapshot(
+            self._runtime, self._bus, self.dead_letters, self._breakers, self._outbox, self._link
         )
 
     # ------------------------------------------------------------- events

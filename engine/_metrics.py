@@ -5,12 +5,18 @@ from __future__ import annotations
 import msgspec
 
 from ._backpressure import BackpressureMetrics
-from ._breaker import BreakerMetrics
+from ._breaker import BreakerMetrics, BreakerRegistry
+from ._bus import EventBus
+from ._cluster import ClusterLink
+from ._counters import snapshot as refusals
+from ._deadletters import DeadLetters
+from ._durable import Outbox
+from ._runtime import Runtime
 from ._store import StorageMetrics
 from ._types import ActorStatistics
 from .cluster import ClusterMetrics
 
-__all__ = ["EngineMetrics"]
+__all__ = ["EngineMetrics", "snapshot"]
 
 
 class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,3 +46,29 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """The database's health: outages, retries, writes waiting (None without a database)."""
     cluster: ClusterMetrics | None = None
     """This node in the cluster (None without one)."""
+
+
+def snapshot(
+    runtime: Runtime,
+    bus: EventBus,
+    dead_letters: DeadLetters,
+    breakers: BreakerRegistry,
+    outbox: Outbox | None,
+    link: ClusterLink | None,
+) -> EngineMetrics:
+    """One ``EngineMetrics`` read off the engine's parts."""
+    validation, tenants = refusals()
+    return EngineMetrics(
+        actors=runtime.statistics(),
+        in_flight=runtime.in_flight(),
+        dead_letters=dead_letters.count(),
+        dead_letters_total=dead_letters.total,
+        backpressure=bus.metrics(),
+        outbox_head=outbox.head if outbox is not None else 0,
+        lag=outbox.lag() if outbox is not None else {},
+        breakers=breakers.metrics(),
+        validation_failures=validation,
+        tenant_rejections=tenants,
+        storage=outbox.metrics() if outbox is not None else None,
+        cluster=link.metrics() if link is not None else None,
+    )

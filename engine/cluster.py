@@ -23,7 +23,7 @@ import msgspec
 
 from ._cache import check_url, redact
 
-__all__ = ["ClusterMetrics", "RedisStreams"]
+__all__ = ["ClusterMetrics", "RedisStreams", "check_cluster"]
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 MAX_PARTITIONS: Final = 1024
@@ -101,6 +101,19 @@ class RedisStreams:
     def stream(self, partition: int) -> str:
         """The key of partition ``partition``'s stream."""
         return f"{self.namespace}:{partition}"
+
+
+def check_cluster(cluster: object, database: str | None) -> None:
+    """``Engine``'s ``cluster`` argument: None, or a ``RedisStreams`` with a database."""
+    if cluster is None:
+        return
+    if not isinstance(cluster, RedisStreams):
+        raise TypeError(f"cluster must be a RedisStreams, got {type(cluster).__name__}")
+    if database is None:
+        raise ValueError(
+            "a cluster needs a database: its outbox is where events commit before they "
+            "are forwarded (Engine('node.db', cluster=...))"
+        )
 
 
 class ClusterMetrics(msgspec.Struct, frozen=True, kw_only=True):
