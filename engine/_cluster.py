@@ -59,6 +59,7 @@ READ_COUNT: Final = 64
 BLOCK_MS: Final = 200
 RETRY_INITIAL: Final = 0.05
 RETRY_MAX: Final = 1.0
+MAX_BEAT: Final = 0.5
 
 # Moves the producer's high-water mark and XADDs the events above it, atomically.
 # KEYS: the marks hash, then the streams of this batch. ARGV: producer, the seq
@@ -374,7 +375,9 @@ class ClusterLink:
 
     async def _run(self) -> None:
         """The node's beat: join, heartbeat, leases, positions, retention, metrics."""
-        interval = self.config.lease_ttl / 3
+        # At least every lease_ttl / 3 (the renewal), and twice a second: a dead node's
+        # partitions are taken soon after its leases run out, whatever the TTL.
+        interval = min(self.config.lease_ttl / 3, MAX_BEAT)
         with self._owned_scope():
             while True:
                 try:
@@ -492,9 +495,9 @@ class ClusterLink:
         ttl_ms = int(config.lease_ttl * 1000)
         now = await self._redis("time")
         now_ms = int(now.timestamp() * 1000)
-        # A node is live while its beat is younger than 1.5 lease TTLs: one late beat
-        # does not drop it, and a dead one is gone before its leases are retaken.
-        await self._redis("zadd", self._nodes, {node: now_ms + ttl_ms * 3 // 2})
+        # A node is live while its last beat is younger than a lease TTL (three beats
+        # or more): it leaves the count of live nodes when its leases run out.
+        await self._redis("zadd", self._nodes, {node: now_ms + ttl_ms})
         await self._redis("zremrangebyscore", self._nodes, "-inf", now_ms)
         live = await self._redis("zrangebyscore", self._nodes, now_ms, "+inf")
         nodes = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in live)
