@@ -28,8 +28,8 @@ cluster-scope subscription, each partition's lag and pending entries, the stream
 lengths and how far each producer has forwarded.
 
 Errors are one line on stderr (``error: ...``) with exit status 1; bad arguments
-exit with status 2. Text from the database or the filesystem (names, paths, errors,
-tracebacks) is printed with control characters escaped (``\\x1b``, ``\\r``, ``\\n``...): a
+exit with status 2. Text from the database, Redis or the filesystem (names, paths,
+errors, tracebacks) is printed with control characters escaped (``\\x1b``, ``\\r``, ``\\n``...): a
 handler's error cannot move the cursor, recolour or clear the operator's terminal, nor
 split one line into two. Only ``show`` keeps the line breaks of an error and traceback.
 """
@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 
 import anyio
 import msgspec
@@ -326,6 +326,289 @@ def _dead_letters(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     {"list": _list, "show": _show, "replay": _replay, "purge": _purge}[action](args)
 
 
+# ---------------------------------------------------------------- cluster
+
+
+class ClusterNode(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    live: bool
+    """Its heartbeat has not expired (the engines' own rule)."""
+    expires_in: float
+    """Seconds until its heartbeat expires by Redis' clock (negative: expired)."""
+
+
+class ClusterStream(msgspec.Struct, frozen=True, kw_only=True):
+    partition: int
+    key: str
+    length: int
+
+
+class ClusterPartition(msgspec.Struct, frozen=True, kw_only=True):
+    partition: int
+    holder: str | None
+    """The node holding the lease, None when nobody does."""
+    fence: int | None
+    """The lease's fencing token."""
+    lease_ttl: float | None
+    """Seconds the lease has left unless renewed."""
+    lag: int | None
+    """Entries the subscription's group has not been given yet (None: Redis cannot tell)."""
+    pending: int | None
+    """Entries given to the holder and not acknowledged (None: no group on the stream)."""
+
+
+class ClusterSubscription(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    partitions: list[ClusterPartition]
+
+
+class ClusterProducer(msgspec.Struct, frozen=True, kw_only=True):
+    producer: str
+    """The producer id stored in a node's database."""
+    forwarded: int
+    """The highest outbox seq of that database in the streams."""
+
+
+class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True):
+    url: str
+    """The Redis URL, its password replaced by ``***``."""
+    namespace: str
+    partitions: int
+    nodes: list[ClusterNode]
+    streams: list[ClusterStream]
+    subscriptions: list[ClusterSubscription]
+    producers: list[ClusterProducer]
+
+
+def _text(value: object) -> str:
+    # Redis holds bytes; what is not UTF-8 is shown as escapes rather than refused.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def _number(value: object) -> int | None:
+    try:
+        return int(_text(value))
+    except ValueError:
+        return None
+
+
+def _first(error: BaseException) -> BaseException:
+    """The first error that is not a group inside ``error``."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _read_cluster(config: RedisStreams, seconds: float) -> ClusterStatus:
+    """Everything ``cluster status`` shows; TimeoutError after ``seconds``."""
+    try:
+        with anyio.fail_after(seconds):
+            return await _read_redis(config, seconds)
+    except BaseExceptionGroup as group:
+        # coredis runs the connection in a task group, which wraps what fails in it.
+        raise _first(group) from None
+
+
+async def _read_redis(config: RedisStreams, seconds: float) -> ClusterStatus:
+    """What ``cluster status`` shows, in three round trips (pipelines)."""
+    import coredis
+    from coredis.retry import NoRetryPolicy
+
+    # The keys the engines write (engine/_cluster.py).
+    ns = config.namespace
+    client = coredis.Redis.from_url(
+        config.url,
+        connect_timeout=seconds,
+        stream_timeout=seconds,
+        retry_policy=NoRetryPolicy(),
+    )
+    pool = client.connection_pool
+    pool.connection_class = closing_connection_class(pool.connection_class)
+    async with client:
+        async with client.pipeline(transaction=False) as pipe:
+            now_reply = pipe.time()
+            count_reply = pipe.get(f"{ns}:partitions")
+            nodes_reply = pipe.zrange(f"{ns}:nodes", 0, -1, withscores=True)
+            marks_reply = pipe.hgetall(f"{ns}:marks")
+        stored = await count_reply
+        if stored is None:
+            raise CliError(
+                f"no cluster namespace {ns!r} on {redact(config.url)} "
+                f"({ns}:partitions is not set: no engine has joined it)"
+            )
+        count = _number(stored)
+        if count is None or not 1 <= count <= MAX_PARTITIONS:
+            raise CliError(
+                f"{ns}:partitions on {redact(config.url)} holds {_text(stored)!r}, "
+                f"not a partition count (1 to {MAX_PARTITIONS})"
+            )
+        now_ms = (await now_reply).timestamp() * 1000
+        nodes = [
+            ClusterNode(
+                node=_text(member),
+                live=score >= now_ms,  # the engines count a node live until its expiry
+                expires_in=round((score - now_ms) / 1000, 3),
+            )
+            for member, score in await nodes_reply
+        ]
+        producers = sorted(
+            (
+                ClusterProducer(producer=_text(producer), forwarded=_number(mark) or 0)
+                for producer, mark in (await marks_reply).items()
+            ),
+            key=lambda p: p.producer,
+        )
+
+        # A missing stream makes XINFO GROUPS an error: read with raise_on_error=False.
+        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            per_stream = [
+                (pipe.xlen(config.stream(p)), pipe.xinfo_groups(config.stream(p)))
+                for p in range(count)
+            ]
+        streams: list[ClusterStream] = []
+        groups: dict[str, dict[int, tuple[int | None, int | None]]] = {}
+        for partition, (length_reply, groups_reply) in enumerate(per_stream):
+            streams.append(
+                ClusterStream(
+                    partition=partition, key=config.stream(partition), length=await length_reply
+                )
+            )
+            try:
+                infos = await groups_reply
+            except coredis.exceptions.ResponseError as exc:
+                if "no such key" not in str(exc).lower():
+                    raise
+                infos = ()
+            for info in infos:
+                fields = {_text(key): value for key, value in info.items()}
+                lag = fields.get("lag")
+                pending = fields.get("pending")
+                groups.setdefault(_text(fields.get("name")), {})[partition] = (
+                    None if lag is None else _number(lag),
+                    None if pending is None else _number(pending),
+                )
+
+        names = sorted(groups)
+        async with client.pipeline(transaction=False) as pipe:
+            leases = {
+                (name, p): (pipe.get(key), pipe.pttl(key))
+                for name in names
+                for p in range(count)
+                for key in [f"{ns}:lease:{name}:{p}"]
+            }
+        subscriptions = []
+        for name in names:
+            rows = []
+            for partition in range(count):
+                value_reply, ttl_reply = leases[(name, partition)]
+                value, ttl = await value_reply, await ttl_reply
+                holder = fence = None
+                if value is not None:
+                    # "node/fence"; a value of another shape is shown whole.
+                    node, slash, token = _text(value).rpartition("/")
+                    fence = _number(token) if slash else None
+                    holder = node if fence is not None else _text(value)
+                lag, pending = groups[name].get(partition, (None, None))
+                rows.append(
+                    ClusterPartition(
+                        partition=partition,
+                        holder=holder,
+                        fence=fence,
+                        lease_ttl=ttl / 1000 if value is not None and ttl >= 0 else None,
+                        lag=lag,
+                        pending=pending,
+                    )
+                )
+            subscriptions.append(ClusterSubscription(name=name, partitions=rows))
+    return ClusterStatus(
+        url=redact(config.url),
+        namespace=ns,
+        partitions=count,
+        nodes=nodes,
+        streams=streams,
+        subscriptions=subscriptions,
+        producers=producers,
+    )
+
+
+def _cluster_status(args: argparse.Namespace, config: RedisStreams) -> None:
+    url = redact(config.url)
+    try:
+        status = anyio.run(_read_cluster, config, args.timeout)
+    except TimeoutError:
+        raise CliError(f"Redis at {url} did not answer within {args.timeout:g} s") from None
+    except Exception as exc:
+        if isinstance(exc, CliError) or not is_redis_outage(exc):
+            raise
+        raise CliError(f"Redis at {url}: {type(exc).__name__}: {exc}") from None
+    if args.json:
+        _json(status)
+        return
+    live = sum(node.live for node in status.nodes)
+    total = sum(stream.length for stream in status.streams)
+    print(f"redis       {_safe(status.url)}")
+    print(f"namespace   {_safe(status.namespace)}")
+    print(f"partitions  {status.partitions}")
+    print(f"nodes       {live} live of {len(status.nodes)}")
+    print(f"streams     {total} entries")
+    print()
+    if status.nodes:
+        _table(
+            ["NODE", "LIVE", "HEARTBEAT EXPIRES"],
+            [
+                [
+                    node.node,
+                    "yes" if node.live else "no",
+                    f"in {node.expires_in:.1f} s"
+                    if node.expires_in >= 0
+                    else f"{-node.expires_in:.1f} s ago",
+                ]
+                for node in status.nodes
+            ],
+        )
+    else:
+        print("no nodes")
+    print()
+    _table(
+        ["PARTITION", "STREAM", "LENGTH"],
+        [[s.partition, s.key, s.length] for s in status.streams],
+    )
+    print()
+    if status.subscriptions:
+
+        def shown(value: object | None, unit: str = "") -> str:
+            return "-" if value is None else f"{value}{unit}"
+
+        _table(
+            ["SUBSCRIPTION", "PARTITION", "HOLDER", "FENCE", "LEASE TTL", "LAG", "PENDING"],
+            [
+                [
+                    subscription.name,
+                    p.partition,
+                    shown(p.holder),
+                    shown(p.fence),
+                    "-" if p.lease_ttl is None else f"{p.lease_ttl:.1f} s",
+                    "?" if p.lag is None and p.pending is not None else shown(p.lag),
+                    shown(p.pending),
+                ]
+                for subscription in status.subscriptions
+                for p in subscription.partitions
+            ],
+        )
+    else:
+        print("no cluster-scope subscriptions")
+    print()
+    if status.producers:
+        _table(
+            ["PRODUCER", "FORWARDED"],
+            [[p.producer, p.forwarded] for p in status.producers],
+        )
+    else:
+        print("no producers")
+
+
 # ---------------------------------------------------------------- parsing
 
 
@@ -354,9 +637,34 @@ def _limit(text: str) -> int:
     return _integer(text, 0, "a limit")
 
 
-def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _url(text: str) -> str:
+    try:
+        return check_url(text)
+    except ValueError as exc:
+        # The message shows the URL redacted; argparse's own would echo it whole.
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a timeout is a number of seconds > 0, got {text!r}")
+    return value
+
+
+class _Parsers(NamedTuple):
+    main: argparse.ArgumentParser
+    dead_letters: argparse.ArgumentParser
+    cluster_status: argparse.ArgumentParser
+
+
+def _parser() -> _Parsers:
     parser = _Parser(
-        prog="python -m engine", description="Inspect and maintain an actorbus database."
+        prog="python -m engine",
+        description="Inspect and maintain an actorbus database, or inspect a cluster's Redis.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -385,20 +693,47 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     forget.add_argument("path", metavar="PATH")
     forget.add_argument("name", metavar="NAME", help="the subscription or projection")
-    return parser, letters
+
+    cluster = commands.add_parser("cluster", help="inspect a cluster's Redis (no database)")
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cluster_status = actions.add_parser(
+        "status", help="nodes, leases, lag and pending entries per subscription and partition"
+    )
+    cluster_status.add_argument("url", type=_url, metavar="URL", help="redis://host:port/db")
+    cluster_status.add_argument("--namespace", required=True, metavar="NS")
+    cluster_status.add_argument("--json", action="store_true", help="print JSON")
+    cluster_status.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up when Redis has not answered by then (10)",
+    )
+    return _Parsers(parser, letters, cluster_status)
+
+
+def _cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        # The engines' own rules for the URL and the namespace.
+        config = RedisStreams(args.url, namespace=args.namespace, node="cli")
+    except ValueError as exc:
+        parser.error(str(exc))
+    _cluster_status(args, config)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (argument errors exit with 2)."""
-    parser, letters = _parser()
-    args = parser.parse_args(argv)
+    parsers = _parser()
+    args = parsers.main.parse_args(argv)
     try:
         if args.command == "status":
             _status(args)
         elif args.command == "dead-letters":
-            _dead_letters(args, letters)
+            _dead_letters(args, parsers.dead_letters)
         elif args.command == "forget":
             _forget(args)
+        elif args.command == "cluster":
+            _cluster(args, parsers.cluster_status)
         else:
             _prune(args)
     except CliError as exc:
