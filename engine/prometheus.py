@@ -11,7 +11,10 @@ start_http_server(9100)   # or mount prometheus_client.make_asgi_app()
 Every scrape takes one ``engine.metrics()`` snapshot. Breaker state is a
 gauge: 0 closed, 1 open, 2 half-open. Validation failures and rejected
 tenant identifiers are process-wide counters (by event type and kind, by
-reason), so a burst of them shows on a dashboard.
+reason), so a burst of them shows on a dashboard. With a cluster: whether
+Redis answers, the live nodes, the forwarding lag, the partitions this node
+owns per subscription and each partition's lag (every node reports the same
+figure for a partition: aggregate it with ``max``, not ``sum``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ._backpressure import BackpressureState
 from ._breaker import CircuitState
+from .cluster import ClusterMetrics
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -108,6 +112,10 @@ class EngineCollector(Collector):
                 value=storage.pending_writes,
             )
 
+        cluster = m.cluster
+        if cluster is not None:
+            yield from self._cluster(cluster)
+
         yield GaugeMetricFamily(n("outbox_head"), "Last committed outbox seq", value=m.outbox_head)
         lag = GaugeMetricFamily(n("subscription_lag"), "Outbox events behind", labels=["name"])
         for name, value in m.lag.items():
@@ -144,6 +152,45 @@ class EngineCollector(Collector):
         for reason, count in m.tenant_rejections.items():
             tenants.add_metric([reason], count)
         yield tenants
+
+    def _cluster(self, cluster: ClusterMetrics) -> Iterator[Any]:
+        n = self._name
+        yield GaugeMetricFamily(
+            n("cluster_connected"),
+            "1 while Redis answers this node's cluster calls, 0 otherwise",
+            value=int(cluster.connected),
+        )
+        yield GaugeMetricFamily(
+            n("cluster_live_nodes"),
+            "Nodes whose heartbeat has not expired, this one included",
+            value=len(cluster.live_nodes),
+        )
+        yield GaugeMetricFamily(
+            n("cluster_forwarding_lag"),
+            "Events committed on this node and not yet in Redis",
+            value=cluster.forwarding_lag,
+        )
+        owned = GaugeMetricFamily(
+            n("cluster_owned_partitions"),
+            "Partitions of a cluster-scope subscription this node holds a lease on",
+            labels=["subscription"],
+        )
+        for name, held in cluster.owned.items():
+            owned.add_metric([name], len(held))
+        yield owned
+        # Every node reports every partition's lag, the same figure: aggregate with max.
+        lag = GaugeMetricFamily(
+            n("cluster_partition_lag"),
+            "Stream entries not yet given to a cluster-scope subscription",
+            labels=["subscription", "partition"],
+        )
+        for name, per_partition in cluster.lag.items():
+            for partition, entries in per_partition.items():
+                lag.add_metric([name, str(partition)], entries)
+        yield lag
+        yield CounterMetricFamily(
+            n("cluster_trimmed"), "Stream entries this node trimmed", value=cluster.trimmed
+        )
 
 
 def register(

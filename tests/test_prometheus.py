@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -17,8 +19,11 @@ from engine import (
     EventValidationError,
     TenantValidationError,
 )
+from engine._routing import stable_hash
+from engine.cluster import ClusterMetrics, RedisStreams
 from engine.prometheus import BREAKER_STATE, register
 from engine.tenancy import TenantIdentifierValidator
+from tests.redis_server import RedisServer, redis_server_binary
 
 pytestmark = pytest.mark.anyio
 
@@ -119,6 +124,7 @@ async def test_a_scrape_shows_the_databases_health(tmp_path: Any) -> None:
     assert samples["actorbus_storage_retries_total"] == 0
     assert samples["actorbus_storage_pending_writes"] == 0
     assert samples["actorbus_outbox_head"] == 1
+    assert not any(key.startswith("actorbus_cluster") for key in samples)
 
 
 async def test_a_scrape_without_a_database_has_no_storage_metrics() -> None:
@@ -126,3 +132,127 @@ async def test_a_scrape_without_a_database_has_no_storage_metrics() -> None:
     async with Engine() as engine:
         register(engine, registry)
         assert not any(key.startswith("actorbus_storage") for key in scrape(registry))
+
+
+# ------------------------------------------------------------------ cluster
+
+PARTITIONS = 4
+
+
+class Order(Event, tag="t13.prometheus.order"):
+    order: str
+
+    def partition_key(self) -> str:
+        return self.order
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer(redis_server_binary()) as server:
+        yield server
+
+
+def view(engine: Engine) -> ClusterMetrics:
+    cluster = engine.metrics().cluster
+    assert cluster is not None
+    return cluster
+
+
+async def poll(condition: Callable[[], bool], what: str) -> None:
+    """Wait until ``condition()`` holds: cluster metrics move with the node's beat
+    (every lease_ttl / 3), which signals nothing to wait on."""
+    try:
+        with anyio.fail_after(10):
+            while not condition():  # noqa: ASYNC110 - nothing to wait on but the beat
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"not within 10 s: {what}")
+
+
+def node(server: RedisServer, name: str) -> RedisStreams:
+    return RedisStreams(
+        server.url, namespace="shop", partitions=PARTITIONS, node=name, lease_ttl=0.6
+    )
+
+
+async def test_a_scrape_shows_the_cluster_owned_partitions_and_partition_lag(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    busy = 2
+    # More than one read of the partition's reader (64 entries): the rest wait, as lag.
+    orders = [key for key in (f"o-{i}" for i in range(2000)) if stable_hash(key) % 4 == busy]
+    orders = orders[:70]
+    gate = anyio.Event()
+    started = anyio.Event()
+    billed: list[str] = []
+
+    async def bill(event: Order) -> None:
+        started.set()
+        await gate.wait()
+        billed.append(event.order)
+
+    async with Engine(tmp_path / "n1.db", cluster=node(redis_server, "n1")) as engine:
+        register(engine, registry)
+        engine.subscribe(Order, handler=bill, name="billing")
+        await poll(lambda: view(engine).owned == {"billing": [0, 1, 2, 3]}, "every partition")
+        await engine.transact(lambda tx: [tx.publish(Order(order=order)) for order in orders])
+        with anyio.fail_after(10):
+            await started.wait()
+        # The handler holds the partition's reader: the lag stays where it is.
+        await poll(
+            lambda: view(engine).forwarding_lag == 0 and view(engine).lag["billing"][busy] > 0,
+            "the partition's lag observed",
+        )
+        samples = scrape(registry)
+        snapshot = view(engine)
+        gate.set()
+        await poll(lambda: len(billed) == len(orders), "every order billed")
+
+    assert samples["actorbus_cluster_connected"] == 1
+    assert samples["actorbus_cluster_live_nodes"] == 1
+    assert samples["actorbus_cluster_forwarding_lag"] == 0
+    assert samples['actorbus_cluster_owned_partitions{subscription="billing"}'] == 4
+    lag = {
+        p: samples[f'actorbus_cluster_partition_lag{{partition="{p}",subscription="billing"}}']
+        for p in range(PARTITIONS)
+    }
+    assert lag == {p: snapshot.lag["billing"][p] for p in range(PARTITIONS)}
+    assert 6 <= lag[busy] < 70
+    assert [lag[p] for p in range(PARTITIONS) if p != busy] == [0, 0, 0]
+    assert samples["actorbus_cluster_trimmed_total"] == snapshot.trimmed
+
+
+async def test_a_scrape_shows_the_forwarding_lag_while_redis_is_away(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    async with Engine(tmp_path / "n1.db", cluster=node(redis_server, "n1")) as engine:
+        register(engine, registry)
+        await engine.transact(lambda tx: tx.publish(Order(order="o-1")))
+        await poll(lambda: view(engine).forwarding_lag == 0, "the first event forwarded")
+        assert scrape(registry)["actorbus_cluster_forwarding_lag"] == 0
+        redis_server.stop()
+        await engine.transact(lambda tx: [tx.publish(Order(order=f"o-{i}")) for i in range(5)])
+        assert scrape(registry)["actorbus_cluster_forwarding_lag"] == 5  # committed, not sent
+        await poll(lambda: not view(engine).connected, "the node sees Redis gone")
+        samples = scrape(registry)
+    assert samples["actorbus_cluster_connected"] == 0
+    assert samples["actorbus_cluster_forwarding_lag"] == 5
+
+
+async def test_a_node_without_cluster_subscriptions_counts_live_nodes_only(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    first = Engine(tmp_path / "n1.db", cluster=node(redis_server, "n1"))
+    second = Engine(tmp_path / "n2.db", cluster=node(redis_server, "n2"))
+    async with first, second:
+        register(second, registry)
+        await poll(lambda: view(second).live_nodes == ["n1", "n2"], "both nodes live")
+        samples = scrape(registry)
+    assert samples["actorbus_cluster_live_nodes"] == 2
+    assert not any(
+        key.startswith(("actorbus_cluster_owned", "actorbus_cluster_partition_lag"))
+        for key in samples
+    )
