@@ -9,12 +9,17 @@ module imports nothing else from the package, so the package has no import cycle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import math
 import os
+import shutil
+import socket
 import statistics
+import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -212,15 +217,18 @@ async def take_turns(
     repeats: int,
     *,
     settle: Callable[[], Awaitable[None]] = settle,
+    warm_up: bool = True,
 ) -> dict[str, list[_T]]:
     """Each adapter's result per repetition; the order is reversed every other repetition.
 
-    ``settle`` runs before each timed repetition.
+    ``settle`` runs before each timed repetition. ``warm_up=False`` skips the
+    untimed first round, for adapters that warm up outside what they time.
     """
     # One untimed round first: lazy imports, first-call caches and heap growth
     # would otherwise land on whichever adapter runs first.
-    for adapter in adapters.values():
-        await adapter()
+    if warm_up:
+        for adapter in adapters.values():
+            await adapter()
     names = list(adapters)
     results: dict[str, list[_T]] = {name: [] for name in names}
     for i in range(repeats):
@@ -439,3 +447,114 @@ def fsync_latency(directory: str, n: int) -> dict[str, Any]:
         "fsync_samples": samples,
         "temp_dir": directory,
     }
+
+
+async def paced(count: int, send: Callable[[int], Coroutine[Any, Any, None]], rate: float) -> float:
+    """Start ``send(i)`` at ``start + i / rate``, each in its own task; returns the rate achieved.
+
+    A slow call delays only its own item: the schedule does not drift, so a stall
+    shows in the latencies instead of being hidden by a slower rate.
+    """
+    interval = 1.0 / rate
+    async with anyio.create_task_group() as tg:
+        start = now()
+        last = start
+        for i in range(count):
+            delay = start + i * interval - now()
+            if delay > 0:
+                await anyio.sleep(delay)
+            last = now()
+            tg.start_soon(send, i)
+    return (count - 1) / (last - start) if count > 1 and last > start else rate
+
+
+# -------------------------------------------------------------------- redis
+
+REDIS_START_TIMEOUT = 10.0
+"""Seconds a benchmark's redis-server may take to answer PING before the scenario fails."""
+
+
+class RedisServerMissing(RuntimeError):
+    """The cluster scenarios need ``redis-server``, and it is not installed."""
+
+
+def redis_server_binary() -> str:
+    """The path of ``redis-server``; ``RedisServerMissing`` names the package when it is absent."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        raise RedisServerMissing(
+            f"the cluster scenarios need redis-server, not found on PATH nor at {binary} "
+            "(Debian/Ubuntu: apt-get install redis-server)"
+        )
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _launch(binary: str, directory: str, port: int) -> subprocess.Popen[bytes] | None:
+    """Start ``redis-server`` on ``port`` and wait for PING; None when it exited (port taken)."""
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory]
+    command += ["--save", "", "--appendonly", "no"]
+    log_path = os.path.join(directory, "redis.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory
+        )
+    deadline = time.monotonic() + REDIS_START_TIMEOUT
+    # Polling is fine here: the server starts once per scenario, outside what is timed.
+    while not _pong(port):
+        if process.poll() is not None:
+            return None
+        if time.monotonic() > deadline:
+            _stop(process)
+            with open(log_path, "rb") as written:
+                tail = written.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"redis-server did not answer PING on port {port}:\n{tail}")
+        time.sleep(0.01)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=REDIS_START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port, without persistence: its URL.
+
+    The tests' launch (tests/redis_server.py) minus what only tests need (pause,
+    restart on the same port): benchmarks do not import tests.
+    """
+    binary = redis_server_binary()
+    with tempfile.TemporaryDirectory(prefix="actorbus-bench-redis-") as directory:
+        # A port free when picked may be taken before Redis binds it: then another is tried.
+        for _attempt in range(3):
+            port = _free_port()
+            process = _launch(binary, directory, port)
+            if process is not None:
+                break
+        else:
+            raise RuntimeError("redis-server did not start on any of 3 free ports")
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            _stop(process)

@@ -42,6 +42,10 @@ RUN_ORDER = [
     "peers_tell",
     "peers_ask",
     "peers_durable_1",
+    "cluster_forward",
+    "cluster_commit_to_handler",
+    "cluster_scaling",
+    "cluster_takeover",
 ]
 
 
