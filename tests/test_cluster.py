@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -43,6 +43,8 @@ from tests.cluster_node import JOBS, TALLY, Job, apply, setup
 from tests.redis_server import RedisServer, redis_server_binary
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 NS = "shop"
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,13 +245,20 @@ def balanced(engines: list[Engine], partitions: int) -> bool:
     return every == list(range(partitions)) and all(len(held) <= share for held in shares)
 
 
+async def bounded(call: Awaitable[T]) -> T:
+    """Await a call into an engine; a call that never returns (an engine whose task
+    died can leave one waiting) fails the test instead of hanging the whole run."""
+    with anyio.fail_after(BOUND):
+        return await call
+
+
 async def applied(engine: Engine) -> collections.Counter[str]:
     """How many times the ``tally`` projection applied each job in ``engine``'s database."""
 
     def read(tx: Transaction) -> list[str]:
         return [row[0] for row in tx.conn.execute("SELECT event_id FROM applied")]
 
-    return collections.Counter(await engine.transact(read))
+    return collections.Counter(await bounded(engine.transact(read)))
 
 
 async def outbox_ids(engine: Engine) -> set[str]:
@@ -258,7 +267,7 @@ async def outbox_ids(engine: Engine) -> set[str]:
     def read(tx: Transaction) -> set[str]:
         return {row[0] for row in tx.conn.execute("SELECT id FROM outbox")}
 
-    return await engine.transact(read)
+    return await bounded(engine.transact(read))
 
 
 async def commit(engine: Engine, *events: Event) -> None:
@@ -266,7 +275,7 @@ async def commit(engine: Engine, *events: Event) -> None:
         for event in events:
             tx.publish(event)
 
-    await engine.transact(publish)
+    await bounded(engine.transact(publish))
 
 
 class Handled:
@@ -465,7 +474,7 @@ async def test_two_nodes_share_a_subscription_and_each_projects_everything_once(
 
     async with nodes["a"] as a, nodes["b"] as b:
         for name, engine in nodes.items():
-            await engine.transact(setup)
+            await bounded(engine.transact(setup))
             engine.subscribe(Job, handler=handled.handler(name), name=JOBS)
             engine.project(Job, projector=apply, name=TALLY)
         await until(lambda: balanced([a, b], 4), "two nodes share the partitions", 2 * 0.6)
@@ -695,7 +704,7 @@ async def test_redis_stopped_while_transactions_commit_then_restarted_empty(
     async with engines["a"] as a, engines["b"] as b:
         async with anyio.create_task_group() as tg:
             for name, engine in engines.items():
-                await engine.transact(setup)
+                await bounded(engine.transact(setup))
                 engine.subscribe(Job, handler=handled.handler(name, 0.02), name=JOBS)
                 engine.project(Job, projector=apply, name=TALLY)
                 tg.start_soon(produce, name, engine)
@@ -787,7 +796,7 @@ async def test_hostile_stream_entries_are_dead_lettered_and_the_partition_goes_o
     handled = Handled()
     audited = Handled()
     async with node_engine(tmp_path, redis_server, "a", partitions=1) as a:
-        await a.transact(setup)
+        await bounded(a.transact(setup))
         a.subscribe(Job, handler=handled.handler("a"), name=JOBS)
         a.subscribe(Job, handler=audited.handler("a"), name="audit", scope="node")
         a.project(Job, projector=apply, name=TALLY)
@@ -856,7 +865,7 @@ async def test_a_failing_event_is_dead_lettered_with_its_entry_and_replayed(
         assert streamed[letter.entry] == str(poison.id)
         assert pending(redis_server, JOBS, partition) == 0  # acknowledged once dead-lettered
         healed = True
-        await a.dead_letters.replay(letter.id)
+        await bounded(a.dead_letters.replay(letter.id))
         await until(lambda: [job.id for job in handled] == [after.id, poison.id], "replayed")
         assert a.dead_letters.count() == 0
 
@@ -908,19 +917,19 @@ async def test_prune_keeps_what_is_not_forwarded(tmp_path: Path, redis_server: R
         for job in later:
             await commit(a, job)
         assert cluster_metrics(a).forwarding_lag == 5
-        deleted = await a.prune(older_than=0)
+        deleted = await bounded(a.prune(older_than=0))
         assert deleted <= len(first)
 
         def kept(tx: Transaction) -> set[str]:
             return {row[0] for row in tx.conn.execute("SELECT id FROM outbox")}
 
-        assert {str(job.id) for job in later} <= await a.transact(kept)
+        assert {str(job.id) for job in later} <= await bounded(a.transact(kept))
         await anyio.to_thread.run_sync(redis_server.start)  # same port, no data
         await until(lambda: cluster_metrics(a).forwarding_lag == 0, "forwarded after the restart")
         counts = streamed_ids(redis_server, 4)
         assert {str(job.id) for job in later} <= set(counts)
         assert set(counts.values()) == {1}
-        assert set(counts) == await a.transact(kept)
+        assert set(counts) == await bounded(a.transact(kept))
 
 
 async def test_retention_trims_what_every_reader_passed(
