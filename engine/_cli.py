@@ -428,7 +428,8 @@ async def _read_redis(config: RedisStreams, seconds: float) -> ClusterStatus:
     pool.connection_class = closing_connection_class(pool.connection_class)
     async with client:
         async with client.pipeline(transaction=False) as pipe:
-            now_reply = pipe.time()
+            # TIME itself (coredis' time() drops the part below a second).
+            now_reply = pipe.eval("return redis.call('TIME')")
             count_reply = pipe.get(f"{ns}:partitions")
             nodes_reply = pipe.zrange(f"{ns}:nodes", 0, -1, withscores=True)
             marks_reply = pipe.hgetall(f"{ns}:marks")
@@ -444,7 +445,8 @@ async def _read_redis(config: RedisStreams, seconds: float) -> ClusterStatus:
                 f"{ns}:partitions on {redact(config.url)} holds {_text(stored)!r}, "
                 f"not a partition count (1 to {MAX_PARTITIONS})"
             )
-        now_ms = (await now_reply).timestamp() * 1000
+        clock: Any = await now_reply
+        now_ms = int(clock[0]) * 1000 + int(clock[1]) / 1000
         nodes = [
             ClusterNode(
                 node=_text(member),

@@ -35,7 +35,8 @@ from typing import Any, Final, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from ._breaker import CircuitBreaker
+from ._actor import current_cell
+from ._breaker import CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
 from ._cache import closing_connection_class, is_redis_outage, redact
 from ._deadletters import DeadLetter, DeadLetters
@@ -44,10 +45,10 @@ from ._errors import EngineError
 from ._events import Event, EventDecodeError, decode
 from ._routing import Delivery, Routes, Subscription, stable_hash
 from ._runtime import Runtime
-from ._store import Request, Transaction, read_outbox
+from ._store import OutboxRow, Request, Transaction, read_outbox
 from .cluster import ClusterMetrics, RedisStreams
 
-__all__ = ["FORWARDER", "ClusterLink"]
+__all__ = ["FORWARDER", "ClusterLink", "breaker_config"]
 
 logger = logging.getLogger("actorbus.cluster")
 
@@ -60,6 +61,10 @@ BLOCK_MS: Final = 200
 RETRY_INITIAL: Final = 0.05
 RETRY_MAX: Final = 1.0
 MAX_BEAT: Final = 0.5
+# How often a partition's reader looks at its pending entries again while busy.
+PENDING_LOOK: Final = 1.0
+# How long (in lease TTLs) a partition being handed on waits for the entry in hand.
+HAND_OVER_WAIT: Final = 3
 
 # Moves the producer's high-water mark and XADDs the events above it, atomically.
 # KEYS: the marks hash, then the streams of this batch. ARGV: producer, the seq
@@ -83,6 +88,20 @@ if top > mark then
 end
 return {top, mark}
 """
+# The beat, on Redis' clock: this node's expiry in the set of live nodes and in the
+# set of members of each of its cluster-scope subscriptions; returns now (ms) and
+# the live members of each set. KEYS: the sets. ARGV: node, lease TTL (ms).
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {now}
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  out[#out + 1] = redis.call('ZRANGE', KEYS[i], 0, -1)
+end
+return out
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -101,6 +120,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return -1
 """
+
+
+def ANSWERS() -> tuple[type[Exception], ...]:
+    """Errors that are Redis' answers, not outages: the breaker ignores them."""
+    from coredis.exceptions import ResponseError, StreamConsumerError
+
+    return (ResponseError, StreamConsumerError)
+
+
+def breaker_config() -> CircuitBreakerConfig:
+    """The link's breaker: opens after 3 outages in a row, probes every second (so
+    forwarding resumes soon after Redis answers again); Redis' answers do not count."""
+    return CircuitBreakerConfig(failure_threshold=3, timeout=1.0, ignore=ANSWERS())
 
 
 class Unavailable(EngineError):
@@ -124,7 +156,7 @@ def _next_id(position: tuple[int, int]) -> str:
 class _Lease:
     """A partition this node holds: the fencing token and until when it is surely ours."""
 
-    __slots__ = ("held", "key", "partition", "scope", "token", "valid_until")
+    __slots__ = ("ended", "held", "key", "partition", "scope", "token", "valid_until")
 
     def __init__(self, key: str, partition: int, token: str, valid_until: float) -> None:
         self.key = key
@@ -133,6 +165,8 @@ class _Lease:
         self.valid_until = valid_until
         self.held = True
         self.scope: anyio.CancelScope | None = None
+        # Set when its reader stopped (the entry in hand finished and acknowledged).
+        self.ended = anyio.Event()
 
     def valid(self) -> bool:
         return self.held and anyio.current_time() < self.valid_until
@@ -221,6 +255,8 @@ class ClusterLink:
         self._joined = anyio.Event()
         # Cluster-scope subscriptions: their leases by partition.
         self._leased: dict[str, dict[int, _Lease]] = {}
+        # Leases being handed on: renewed until their reader finished the entry in hand.
+        self._leaving: set[_Lease] = set()
         self._cluster_subscriptions: dict[str, Subscription] = {}
         self._lag: dict[str, dict[int, int]] = {}
         # Node-scope positions to checkpoint: (subscription, partition) -> entry id.
@@ -282,6 +318,7 @@ class ClusterLink:
         async with client:
             self._client = client
             for name, text in (
+                ("beat", _BEAT),
                 ("forward", _FORWARD),
                 ("renew", _RENEW),
                 ("release", _RELEASE),
@@ -308,7 +345,8 @@ class ClusterLink:
             try:
                 for lease in leases:
                     await self._release(lease)
-                await self._redis("zrem", self._nodes, [self.config.node])
+                for key in (self._nodes, *map(self._members, self._cluster_subscriptions)):
+                    await self._redis("zrem", key, [self.config.node])
                 await self._checkpoint_positions()
             except (Unavailable, TimeoutError) as exc:
                 logger.info(
@@ -333,12 +371,11 @@ class ClusterLink:
         return await self._call(script, keys=keys, args=args)
 
     async def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        from coredis.exceptions import StreamConsumerError
-
         try:
             result = await self.breaker.call(fn, *args, **kwargs)
-        except StreamConsumerError:
-            raise  # an answer about a consumer group (it exists already): not an outage
+        except ANSWERS():
+            self.connected = True
+            raise  # Redis answered (a group exists already, no such key): not an outage
         except Exception as exc:
             self.connected = False
             if is_redis_outage(exc):
@@ -387,6 +424,9 @@ class ClusterLink:
                 except Unavailable as exc:
                     logger.debug("cluster: Redis unavailable (%s)", exc)
                     self._expire_leases()
+                except ANSWERS() as exc:
+                    logger.warning("cluster: Redis refused the beat: %s", exc)
+                    self._expire_leases()
                 await anyio.sleep(interval)
 
     # --------------------------------------------------------------- forwarding
@@ -396,30 +436,38 @@ class ClusterLink:
         return stable_hash(key) % self.config.partitions
 
     async def forward(self) -> None:
-        """Forward committed outbox events after the mark (the forwarder actor)."""
+        """Forward committed outbox events after the mark (the forwarder actor).
+
+        While one batch is on its way to Redis the next is read from the outbox.
+        """
         outbox = self.outbox
         runtime = self.runtime
         delay = RETRY_INITIAL
+        rows: list[OutboxRow] = []
         while not runtime.stopping and self._joined.is_set():
-            if self.forwarded >= outbox.head:
-                return
             start = self.forwarded
-            rows = await outbox.store.read(partial(read_outbox, after=start, limit=FORWARD_BATCH))
             if not rows:
-                return
-            keys = [self._marks]
-            index: dict[int, int] = {}
-            args: list[Any] = [self.producer, start]
-            for row in rows:
-                partition = self.partition_of(row.event, row.seq)
-                slot = index.get(partition)
-                if slot is None:
-                    keys.append(self.config.stream(partition))
-                    slot = index[partition] = len(keys)
-                args.extend((row.seq, slot, row.payload))
-            try:
-                top, mark = await self._script("forward", keys, args)
-            except Unavailable:
+                if start >= outbox.head:
+                    return
+                rows = await self._read(start)
+                if not rows:
+                    return
+            keys, args = self._batch(start, rows)
+            following: list[OutboxRow] = []
+            failure: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                if rows[-1].seq < outbox.head:
+                    tg.start_soon(self._read_into, following, rows[-1].seq)
+                try:
+                    top, mark = await self._script("forward", keys, args)
+                except Exception as exc:
+                    failure = exc
+            if failure is not None:
+                rows = []
+                if not isinstance(failure, (Unavailable, *ANSWERS())):
+                    raise failure
+                if not isinstance(failure, Unavailable):
+                    logger.error("cluster: Redis refused forwarded events: %s", failure)
                 if runtime.closing:
                     return  # the outbox keeps them: the next run forwards them
                 await anyio.sleep(delay)
@@ -434,9 +482,35 @@ class ClusterLink:
                     start,
                 )
                 self.forwarded = int(mark)
+                rows = []
                 continue
             self.forwarded = int(top)
             self._save_forwarded(int(top))
+            rows = following
+
+    async def _read(self, after: int) -> list[OutboxRow]:
+        rows: list[OutboxRow] = await self.outbox.store.read(
+            partial(read_outbox, after=after, limit=FORWARD_BATCH)
+        )
+        return rows
+
+    async def _read_into(self, rows: list[OutboxRow], after: int) -> None:
+        with contextlib.suppress(EngineError):  # the engine stops: read again next run
+            rows.extend(await self._read(after))
+
+    def _batch(self, start: int, rows: list[OutboxRow]) -> tuple[list[Any], list[Any]]:
+        """The forward script's keys and arguments for ``rows`` (forwarded up to ``start``)."""
+        keys: list[Any] = [self._marks]
+        index: dict[int, int] = {}
+        args: list[Any] = [self.producer, start]
+        for row in rows:
+            partition = self.partition_of(row.event, row.seq)
+            slot = index.get(partition)
+            if slot is None:
+                keys.append(self.config.stream(partition))
+                slot = index[partition] = len(keys)
+            args.extend((row.seq, slot, row.payload))
+        return keys, args
 
     def _save_forwarded(self, seq: int) -> None:
         """The forwarder's position in ``tracking``: prune keeps what is not forwarded."""
@@ -493,26 +567,27 @@ class ClusterLink:
         config = self.config
         node = config.node
         ttl_ms = int(config.lease_ttl * 1000)
-        now = await self._redis("time")
-        now_ms = int(now.timestamp() * 1000)
+        names = list(self._cluster_subscriptions)
         # A node is live while its last beat is younger than a lease TTL (three beats
-        # or more): it leaves the count of live nodes when its leases run out.
-        await self._redis("zadd", self._nodes, {node: now_ms + ttl_ms})
-        await self._redis("zremrangebyscore", self._nodes, "-inf", now_ms)
-        live = await self._redis("zrangebyscore", self._nodes, now_ms, "+inf")
-        nodes = sorted(n.decode() if isinstance(n, bytes) else str(n) for n in live)
-        if node not in nodes:
-            nodes = sorted([*nodes, node])
+        # or more): it leaves the count when its leases run out. A subscription's
+        # shares count only the live nodes that run it.
+        keys = [self._nodes, *(self._members(name) for name in names)]
+        beat = await self._script("beat", keys, [node, ttl_ms])
+        now_ms = int(beat[0])
+        nodes = _names(beat[1], node)
         if nodes != self.live_nodes:
             logger.info("cluster: live nodes %s", ", ".join(nodes))
         self.live_nodes = nodes
-        share = math.ceil(config.partitions / len(nodes))
-        for name, subscription in self._cluster_subscriptions.items():
+        for lease in list(self._leaving):
+            await self._script("renew", [lease.key], [lease.token, ttl_ms])
+        for name, members in zip(names, beat[2:], strict=True):
+            subscription = self._cluster_subscriptions[name]
             if name not in self._grouped:
                 # Every partition's group exists before entries are trimmed or read.
                 for partition in range(config.partitions):
                     await self._ensure_group(config.stream(partition), name)
                 self._grouped.add(name)
+            share = math.ceil(config.partitions / len(_names(members, node)))
             await self._balance(subscription, self._leased[name], share)
         await self._checkpoint_positions()
         await self._observe(leader=nodes[0] == node, now_ms=now_ms)
@@ -541,7 +616,10 @@ class ClusterLink:
                     subscription.name,
                     share,
                 )
-                await self._hand_over(subscription.name, lease)
+                self._leased[subscription.name].pop(partition, None)
+                self.runtime.start_task(
+                    self._hand_over, lease, name=f"cluster hand over {subscription.name}"
+                )
             self._rebalanced(subscription.name)
             return
         if len(leases) >= share:
@@ -574,6 +652,9 @@ class ClusterLink:
         if len(leases) != before:
             self._rebalanced(subscription.name)
 
+    def _members(self, name: str) -> str:
+        return f"{self.config.namespace}:members:{name}"
+
     def _rebalanced(self, name: str) -> None:
         owned = sorted(self._leased[name])
         logger.info(
@@ -602,12 +683,23 @@ class ClusterLink:
                     )
                     self._drop(name, lease)
 
-    async def _hand_over(self, name: str, lease: _Lease) -> None:
-        """Stop reading ``lease``'s partition (the entry in hand is finished and
-        acknowledged first), then release it for another node."""
+    async def _hand_over(self, lease: _Lease) -> None:
+        """Stop reading ``lease``'s partition — the entry in hand is finished and
+        acknowledged first (for up to three lease TTLs) — then release it for another node."""
         lease.held = False
-        self._leased[name].pop(lease.partition, None)
-        await self._release(lease)
+        self._leaving.add(lease)  # still renewed by the beat meanwhile
+        with self._owned_scope():  # leaving the engine cuts it short: the lease expires
+            try:
+                if lease.scope is not None:
+                    lease.scope.cancel()  # a read in progress; handling an entry is shielded
+                # A handler that takes longer does not hold the partition for ever: the
+                # next owner then handles that entry again (at least once).
+                with anyio.move_on_after(HAND_OVER_WAIT * self.config.lease_ttl):
+                    await lease.ended.wait()
+            finally:
+                self._leaving.discard(lease)
+            with contextlib.suppress(Unavailable):  # it expires on its own then
+                await self._release(lease)
 
     async def _release(self, lease: _Lease) -> None:
         lease.held = False
@@ -618,6 +710,8 @@ class ClusterLink:
     async def _consume(self, subscription: Subscription, lease: _Lease) -> None:
         """Handle one leased partition of a cluster-scope subscription: its pending
         entries first, then new ones; each acknowledged only while the lease holds."""
+        from coredis.exceptions import StreamConsumerGroupError
+
         config = self.config
         runtime = self.runtime
         partition = lease.partition
@@ -625,17 +719,16 @@ class ClusterLink:
         group = subscription.name
         consumer = str(partition)
         reader = _Reader(self, subscription)
-        from coredis.exceptions import StreamConsumerGroupError
-
+        # An engine task: it still hands entries in hand to the actors while the engine drains.
+        current_cell.set(self.bus.dispatcher)
         cursor = "0"  # this partition's pending entries (its consumer's) first
+        looked = anyio.current_time()
         delay = RETRY_INITIAL
         with self._owned_scope() as scope:
             lease.scope = scope
             try:
                 while lease.valid() and not runtime.closing:
                     try:
-                        if cursor == "0":
-                            await self._ensure_group(stream, group)
                         found = await self._redis(
                             "xreadgroup",
                             group,
@@ -647,42 +740,62 @@ class ClusterLink:
                     except Unavailable:
                         await anyio.sleep(delay)
                         delay = min(delay * 2, RETRY_MAX)
+                        cursor = "0"
                         continue
                     except StreamConsumerGroupError:
                         # The group is gone (Redis restarted without its data): made again,
                         # it reads the stream from its start (what was forwarded again).
                         await self._ensure_group(stream, group)
+                        cursor = "0"
                         continue
                     delay = RETRY_INITIAL
                     entries = found.get(stream.encode(), ()) if found else ()
-                    if not entries:
-                        cursor = ">"
-                        continue
+                    if cursor == "0":
+                        looked = anyio.current_time()
+                        if not entries:
+                            cursor = ">"
+                            continue
+                    elif not entries or anyio.current_time() - looked > PENDING_LOOK:
+                        # Pending entries again now and then: a reader that held this
+                        # partition before may have taken entries it could not handle.
+                        cursor = "0"
                     for entry in entries:
                         if not lease.valid() or runtime.stopping:
                             return
-                        if not await self._handle_leased(reader, lease, stream, group, entry):
+                        outcome = await self._handle_leased(reader, lease, stream, group, entry)
+                        if outcome is None:
                             return
+                        if not outcome:  # not acknowledged: read the pending ones again
+                            cursor = "0"
+                            await anyio.sleep(RETRY_INITIAL)
+                            break
             finally:
                 lease.scope = None
+                lease.ended.set()
 
     async def _handle_leased(
         self, reader: _Reader, lease: _Lease, stream: str, group: str, entry: Any
-    ) -> bool:
-        """Handle one entry of a leased partition and acknowledge it while the lease holds;
-        False when reading must stop (cut short by shutdown, or the lease moved on)."""
+    ) -> bool | None:
+        """Handle one entry of a leased partition and acknowledge it while the lease holds.
+
+        True when acknowledged; False when Redis did not take the acknowledgement (the
+        entry stays pending: read again); None when reading must stop (cut short by
+        shutdown, or the lease moved on).
+        """
         runtime = self.runtime
         runtime.busy()
         try:
             with anyio.CancelScope(shield=True):
                 if not await reader.handle(lease.partition, lease.partition, entry):
-                    return False
+                    return None
                 try:
                     acked = await self._script(
                         "ack", [lease.key, stream], [lease.token, group, entry.identifier]
                     )
-                except Unavailable:
-                    return False  # not acknowledged: handled again (at least once)
+                except Exception as exc:
+                    if not isinstance(exc, (Unavailable, *ANSWERS())):
+                        raise
+                    return False  # not taken (Redis away, or its group gone): read again
         finally:
             runtime.idle()
         if int(acked) < 0:
@@ -693,7 +806,7 @@ class ClusterLink:
                 entry.identifier.decode(),
             )
             self._drop(group, lease)
-            return False
+            return None
         return True
 
     async def _ensure_group(self, stream: str, group: str) -> None:
@@ -710,6 +823,7 @@ class ClusterLink:
         name = subscription.name
         position = await self.outbox.store.read(lambda conn: _load_position(conn, name, partition))
         reader = _Reader(self, subscription)
+        current_cell.set(self.bus.dispatcher)  # an engine task: it delivers while draining
         delay = RETRY_INITIAL
         # Known from the start: retention keeps what this reader has not read yet.
         self._positions_seen[(name, partition)] = position
@@ -856,7 +970,10 @@ class ClusterLink:
                     continue
         for partition in range(config.partitions):
             stream = config.stream(partition)
-            groups = await self._redis("xinfo_groups", stream)
+            try:
+                groups = await self._redis("xinfo_groups", stream)
+            except ANSWERS():
+                groups = ()  # no stream yet
             floors: list[tuple[int, int]] = []
             for group in groups:
                 name = group[b"name"].decode()
@@ -935,3 +1052,10 @@ def _save_position(conn: Any, name: str, partition: int, position: tuple[int, in
         "WHERE (excluded.ms, excluded.seq) > (ms, seq)",
         (name, partition, position[0], position[1]),
     )
+
+
+def _names(members: Any, node: str) -> list[str]:
+    """Node names from a ZRANGE reply, this node always among them."""
+    names = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+    names.add(node)
+    return sorted(names)

@@ -28,7 +28,7 @@ from ._actor import Actor, ActorRef
 from ._backpressure import BackpressureConfig
 from ._breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
-from ._cluster import ClusterLink
+from ._cluster import ClusterLink, breaker_config
 from ._deadletters import DeadLetter, DeadLetters
 from ._durable import Outbox, age_seconds
 from ._errors import EngineError
@@ -48,9 +48,6 @@ from .cluster import RedisStreams, check_cluster
 
 _T = TypeVar("_T")
 
-# The breaker in front of the cluster's Redis: it probes every second, so
-# forwarding resumes soon after Redis answers again.
-_CLUSTER_BREAKER = CircuitBreakerConfig(failure_threshold=3, timeout=1.0)
 
 __all__ = ["Engine", "EngineMetrics"]
 
@@ -125,7 +122,7 @@ class Engine(Spawner):
             )
             self._bus.tracking = self._outbox
             if cluster is not None:
-                breaker = self._breakers.get("actorbus.cluster", _CLUSTER_BREAKER)
+                breaker = self._breakers.get("actorbus.cluster", breaker_config())
                 self._link = ClusterLink(
                     cluster, runtime, self._bus, self._outbox, self.dead_letters, breaker
                 )

@@ -864,6 +864,7 @@ class Store:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         finally:
+            self._closing = True  # later submits are refused, never left waiting
             with anyio.CancelScope(shield=True):
                 # Anything still pending when the loop ends (cancelled) fails clearly.
                 self._abandon(waiting + self._queue, None)

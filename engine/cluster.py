@@ -59,36 +59,41 @@ class RedisStreams:
         max_len: int | None = None,
     ) -> None:
         self.url = check_url(url)
-        if not isinstance(namespace, str) or not _NAME.fullmatch(namespace):
+        if not isinstance(namespace, str):
+            raise TypeError(
+                f"namespace must be a str, got {type(namespace).__name__} {namespace!r}"
+            )
+        if not _NAME.fullmatch(namespace):
             raise ValueError(
                 f"namespace must be 1 to 100 letters, digits, '_', '.' or '-', got {namespace!r}"
             )
         self.namespace = namespace
         if isinstance(partitions, bool) or not isinstance(partitions, int):
-            raise TypeError(f"partitions must be an int, got {type(partitions).__name__}")
+            raise TypeError(
+                f"partitions must be an int, got {type(partitions).__name__} {partitions!r}"
+            )
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise ValueError(f"partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}")
         self.partitions = partitions
         if node is None:
             node = _default_node()
-        elif not isinstance(node, str) or not _NAME.fullmatch(node):
+        elif not isinstance(node, str):
+            raise TypeError(f"node must be a str or None, got {type(node).__name__} {node!r}")
+        elif not _NAME.fullmatch(node):
             raise ValueError(
                 f"node must be 1 to 100 letters, digits, '_', '.' or '-', got {node!r}"
             )
         self.node = node
-        if (
-            isinstance(lease_ttl, bool)
-            or not isinstance(lease_ttl, int | float)
-            or not math.isfinite(lease_ttl)
-            or lease_ttl < 0.3
-        ):
+        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int | float):
+            raise TypeError(f"lease_ttl must be a number of seconds, got {lease_ttl!r}")
+        if not math.isfinite(lease_ttl) or lease_ttl < 0.3:
             raise ValueError(
                 f"lease_ttl must be a finite number of seconds >= 0.3, got {lease_ttl!r}"
             )
         self.lease_ttl = float(lease_ttl)
-        if max_len is not None and (
-            isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1
-        ):
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
+            raise TypeError(f"max_len must be an int or None, got {max_len!r}")
+        if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be an int >= 1 or None, got {max_len!r}")
         self.max_len = max_len
 
