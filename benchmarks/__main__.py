@@ -1,7 +1,8 @@
 """``python -m benchmarks``: every scenario in a fresh subprocess, a table, JSON.
 
 Options: ``--quick`` (small N, few repetitions), ``--backend asyncio|trio|both``,
-``--only NAME`` (scenario name substring), ``--json PATH``, ``--plot DIR`` (PNG charts).
+``--only NAME`` (scenario name substring), ``--skip NAME`` (leave those out),
+``--json PATH``, ``--plot DIR`` (PNG charts).
 A rich progress bar shows on a terminal (one task per scenario); the output is plain
 when stdout is not a TTY or with ``--smoke``.
 """
@@ -45,6 +46,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small N and few repetitions")
     parser.add_argument("--backend", choices=("asyncio", "trio", "both"), default="both")
     parser.add_argument("--only", metavar="NAME", help="run scenarios whose name contains NAME")
+    parser.add_argument(
+        "--skip",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="leave out scenarios whose name contains NAME (repeatable)",
+    )
     parser.add_argument(
         "--json",
         metavar="PATH",
@@ -135,14 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = REPEATS[mode]
     backends = ("asyncio", "trio") if args.backend == "both" else (args.backend,)
     only: str | None = args.only
-    names = [name for name in registry if only is None or only in name]
-    with_events = only is None or only in EVENTS
+    skip: list[str] = args.skip
+
+    def chosen(name: str) -> bool:
+        return (only is None or only in name) and not any(part in name for part in skip)
+
+    names = [name for name in registry if chosen(name)]
+    with_events = chosen(EVENTS)
     if with_events and not events_available():
         with_events = False
         if only is not None:
             print("scenario 'events' is not available (no benchmarks/scenario_events.py)")
     if not names and not with_events:
-        print(f"no scenario matches {only!r}; known: {', '.join([*registry, EVENTS])}")
+        asked = f"{only!r}" + "".join(f" without {part!r}" for part in skip)
+        print(f"no scenario matches {asked}; known: {', '.join([*registry, EVENTS])}")
         return 2
 
     info = {"machine": machine(), "versions": versions()}

@@ -90,7 +90,12 @@ async def test_capacity_that_is_not_an_int_is_refused(where: str, capacity: obje
     await assert_spawn_refused(where, TypeError, r"capacity must be an int", capacity=capacity)
 
 
-@pytest.mark.parametrize("factory", [None, 42, "Recorder", Recorder()], ids=repr)
+@pytest.mark.parametrize(
+    "factory",
+    [None, 42, "Recorder", Recorder()],
+    # Stable ids (no object address), the same in every worker of a parallel run.
+    ids=lambda value: type(value).__name__ if isinstance(value, Recorder) else repr(value),
+)
 async def test_factory_that_is_not_callable_is_refused(where: str, factory: object) -> None:
     await assert_spawn_refused(where, TypeError, r"factory must be callable", factory=factory)
 

@@ -62,35 +62,46 @@ def _run_harness(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# Every scenario in a fresh process on both backends: about 70 s here (the cluster
-# scenarios, with their worker processes, half of it), so the default 60 s would
+# Every scenario in a fresh process: the local ones on both backends (about 55 s
+# here), the cluster group, with its redis-server and worker processes, on trio
+# alone (about 40 s; tests/test_cluster.py runs cluster mode itself on both). Two
+# parts, so that a parallel run puts them on two workers; the default 60 s would
 # leave a slower or busier CI machine too little room.
+PARTS = {
+    "local": (("--skip", "cluster"), SCENARIOS, BACKENDS),
+    "cluster": (("--only", "cluster", "--backend", "trio"), CLUSTER, ("trio",)),
+}
+
+
 @pytest.mark.timeout(240)
-def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("part", list(PARTS))
+def test_harness_writes_json_with_every_scenario_on_both_backends(
+    tmp_path: Path, part: str
+) -> None:
+    args, names, backends = PARTS[part]
     path = tmp_path / "nested" / "x.json"
     redis = _redis_server_installed()
-    if not redis and os.environ.get("CI"):
+    if part == "cluster" and not redis and os.environ.get("CI"):
         pytest.fail("redis-server is not installed: CI must run the cluster scenarios")
 
-    done = _run_harness("--quick", "--smoke", "--json", str(path))
+    done = _run_harness("--quick", "--smoke", *args, "--json", str(path))
 
     # Without redis-server the cluster scenarios fail, each naming it; the others run.
-    assert done.returncode == (0 if redis else 1), done.stderr
+    assert done.returncode == (0 if redis or part == "local" else 1), done.stderr
     document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     assert set(document["machine"]) >= {"platform", "cpu_count", "python"}
     assert set(document["versions"]) >= {"anyio", "trio", "msgspec"}
     results = document["results"]
-    if not redis:
+    if part == "cluster" and not redis:
         failed = [r for r in results if "error" in r]
         assert {(r["scenario"], r["backend"]) for r in failed} == {
-            (name, backend) for name in CLUSTER for backend in BACKENDS
+            (name, backend) for name in CLUSTER for backend in backends
         }
         assert all("redis-server" in r["error"] for r in failed)
         results = [r for r in results if "error" not in r]
+        names = set()
     assert {(r["scenario"], r["backend"]) for r in results} == {
-        (name, backend)
-        for name in (SCENARIOS | CLUSTER if redis else SCENARIOS)
-        for backend in BACKENDS
+        (name, backend) for name in names for backend in backends
     }
     for result in results:
         assert set(result) >= {
@@ -115,14 +126,15 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
     ask = [r for r in results if r["scenario"] == "ask_roundtrip"]
     assert all({"ours_p99", "limit_p99"} <= set(r["extra"]) for r in ask)
     units = {r["scenario"]: r["unit"] for r in results}
-    assert units["fanout_8"] == "deliveries/s"
-    assert units["fanout_scale"] == "ns/delivery"
+    if part == "local":
+        assert units["fanout_8"] == "deliveries/s"
+        assert units["fanout_scale"] == "ns/delivery"
+        assert units["actors_scale"] == "msgs/s"
     for scale in (r for r in results if r["scenario"] == "fanout_scale"):
         rows = scale["extra"]["rows"]
         assert [row["subscriptions"] for row in rows] == [8, 100, 1000]
         assert all(row["ours"] > 0 and row["limit"] > 0 for row in rows)
         assert "fanout_scale @1000" in done.stdout
-    assert units["actors_scale"] == "msgs/s"
     for scale in (r for r in results if r["scenario"] == "actors_scale"):
         rows = scale["extra"]["rows"]
         # Smoke N covers 10 and 100 actors; quick adds 1,000, full 10,000.
@@ -301,19 +313,26 @@ def test_harness_writes_json_with_every_scenario_on_both_backends(tmp_path: Path
             assert len(extra["seconds"]) == cluster["repeats"]
             assert cluster["ours"] == max(extra["seconds"])
             assert cluster["limit"] == extra["lease_ttl"]
-    if redis:
-        assert "cluster_scaling 4 vs 2 processes" in done.stdout
-    assert "peers_tell vs thespian" in done.stdout
-    assert "resolver_cold_1000 loader calls" in done.stdout
-    assert "breaker call_timeout vs cancel scope + 0.5 µs" in done.stdout
-    assert "transact_100 / transact_1 (full)" in done.stdout
-    assert "fsync median" in done.stdout
+    if part == "cluster":
+        if redis:
+            assert "cluster_scaling 4 vs 2 processes" in done.stdout
+        assert document["figures"] == []
+    else:
+        assert "peers_tell vs thespian" in done.stdout
+        assert "resolver_cold_1000 loader calls" in done.stdout
+        assert "breaker call_timeout vs cancel scope + 0.5 µs" in done.stdout
+        assert "transact_100 / transact_1 (full)" in done.stdout
+        assert "fsync median" in done.stdout
+        assert document["figures"]
+        assert done.stdout.index("Read these numbers with care") < done.stdout.index(
+            "try_tell_burst"
+        )
     for entry in document["figures"]:
         assert entry["scenario"] == "events"
         assert all(isinstance(value, float) for value in entry["figures"].values())
     # The report names what it measured on, and warns about noise before any figure.
     assert "cpu_count" in done.stdout
-    assert done.stdout.index("Read these numbers with care") < done.stdout.index("try_tell_burst")
+    assert done.stdout.index("Read these numbers with care") < done.stdout.index("scenario")
 
 
 def test_harness_runs_only_the_selected_scenario_and_backend(tmp_path: Path) -> None:
@@ -324,6 +343,26 @@ def test_harness_runs_only_the_selected_scenario_and_backend(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     results = json.loads(path.read_text(encoding="utf-8"))["results"]
     assert [(r["scenario"], r["backend"]) for r in results] == [("tell_stream", "trio")]
+
+
+def test_harness_skip_leaves_out_what_it_names(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+
+    done = _run_harness(
+        "--smoke", "--backend", "trio", "--only", "tell", "--skip", "try", "--skip", "peers",
+        "--json", str(path),
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    results = json.loads(path.read_text(encoding="utf-8"))["results"]
+    assert [(r["scenario"], r["backend"]) for r in results] == [("tell_stream", "trio")]
+
+
+def test_harness_says_what_it_left_when_skip_leaves_nothing(tmp_path: Path) -> None:
+    done = _run_harness("--only", "tell_s", "--skip", "tell", "--json", str(tmp_path / "x.json"))
+
+    assert done.returncode == 2
+    assert "no scenario matches 'tell_s' without 'tell'" in done.stdout
 
 
 def test_harness_rejects_an_unknown_scenario(tmp_path: Path) -> None:
