@@ -65,6 +65,8 @@ MAX_BEAT: Final = 0.5
 PENDING_LOOK: Final = 1.0
 # How long (in lease TTLs) a partition being handed on waits for the entry in hand.
 HAND_OVER_WAIT: Final = 3
+# How often the forwarder writes its position while it works through a backlog.
+SAVE_EVERY: Final = 1.0
 
 # Moves the producer's high-water mark and XADDs the events above it, atomically.
 # KEYS: the marks hash, then the streams of this batch. ARGV: producer, the seq
@@ -444,6 +446,7 @@ class ClusterLink:
         runtime = self.runtime
         delay = RETRY_INITIAL
         rows: list[OutboxRow] = []
+        saved_at = anyio.current_time()
         while not runtime.stopping and self._joined.is_set():
             start = self.forwarded
             if not rows:
@@ -485,8 +488,13 @@ class ClusterLink:
                 rows = []
                 continue
             self.forwarded = int(top)
-            self._save_forwarded(int(top))
             rows = following
+            # One position write per caught-up backlog (or per SAVE_EVERY s of it), not
+            # one commit per batch: a position that lags only makes prune keep more.
+            now = anyio.current_time()
+            if not rows or now - saved_at >= SAVE_EVERY:
+                saved_at = now
+                self._save_forwarded(int(top))
 
     async def _read(self, after: int) -> list[OutboxRow]:
         rows: list[OutboxRow] = await self.outbox.store.read(
