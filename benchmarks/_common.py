@@ -449,6 +449,46 @@ def fsync_latency(directory: str, n: int) -> dict[str, Any]:
     }
 
 
+THREAD_SAMPLES = 2_000
+"""At most this many bare thread round trips are timed per scenario (at least 200)."""
+
+
+def _nothing() -> None:
+    return None
+
+
+async def thread_round_trips(samples: int) -> list[float]:
+    """``samples`` awaits of ``anyio.to_thread.run_sync`` of a no-op: µs each.
+
+    A few untimed calls first start the worker thread, which later calls reuse.
+    """
+    run_sync = anyio.to_thread.run_sync
+    for _ in range(10):
+        await run_sync(_nothing)
+    timings: list[float] = []
+    record = timings.append
+    for _ in range(samples):
+        start = now()
+        await run_sync(_nothing)
+        record((now() - start) * 1e6)
+    return timings
+
+
+async def thread_round_trip(n: int) -> dict[str, Any]:
+    """What one hop into a worker thread and back costs here: median and p90 in µs.
+
+    ``n`` (the scenario's N) round trips, between 200 and ``THREAD_SAMPLES``: a
+    durable write from the event loop pays one at least, as much as a fast fsync.
+    """
+    samples = min(THREAD_SAMPLES, max(200, n))
+    timings = await thread_round_trips(samples)
+    return {
+        "thread_roundtrip_us": median(timings),
+        "thread_roundtrip_p90_us": percentile(timings, 90),
+        "thread_roundtrip_samples": samples,
+    }
+
+
 async def paced(count: int, send: Callable[[int], Coroutine[Any, Any, None]], rate: float) -> float:
     """Start ``send(i)`` at ``start + i / rate``, each in its own task; returns the rate achieved.
 

@@ -271,9 +271,14 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
     return _render(header, rows)
 
 
+THREAD_ROUND_TRIP = "thread round trip (anyio.to_thread.run_sync no-op)"
+
+
 def format_disk(results: Sequence[dict[str, Any]]) -> str | None:
-    """The fsync latency each durable scenario measured on its temp directory; None if none did."""
+    """The fsync latency each durable scenario measured on its temp directory, then the
+    bare thread round trip of those that measured one; None if none measured the disk."""
     rows: list[tuple[str, ...]] = []
+    hops: list[str] = []
     for result in results:
         extra = result.get("extra", {})
         if "fsync_ms" not in extra:
@@ -288,11 +293,20 @@ def format_disk(results: Sequence[dict[str, Any]]) -> str | None:
                 extra["temp_dir"],
             )
         )
+        if "thread_roundtrip_us" in extra:
+            # A durable write from the event loop pays at least one: as much as a fast fsync.
+            hops.append(
+                f"{THREAD_ROUND_TRIP}: median {extra['thread_roundtrip_us']:.1f} µs, "
+                f"p90 {extra['thread_roundtrip_p90_us']:.1f} µs "
+                f"({result['scenario']}, {result['backend']}, "
+                f"{extra['thread_roundtrip_samples']} calls)"
+            )
     if not rows:
         return None
-    return _render(
+    table = _render(
         ("scenario", "backend", "fsync median", "fsync p99", "samples", "directory"), rows
     )
+    return "\n".join([table, "", *hops]) if hops else table
 
 
 def format_figures(figures: Sequence[dict[str, Any]]) -> str:

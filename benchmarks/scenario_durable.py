@@ -10,6 +10,13 @@ shapes, in one plain thread loop of ``BEGIN IMMEDIATE``, B x (domain insert +
 outbox insert of the encoded event), ``COMMIT``, at the batch size B our group
 commit reached. Raw does not validate the event; ours does on every publish.
 
+An engine inside an async app must not block its event loop on SQLite, so a
+single writer's fair limit is the same SQL as one transaction per worker-thread
+round trip: ``await anyio.to_thread.run_sync`` of BEGIN IMMEDIATE, the two
+inserts and COMMIT, once per event, on one connection behind a limiter of one.
+The cost of a bare round trip (a no-op through ``anyio.to_thread.run_sync``) is
+measured beside it, as the fsync is.
+
 Every adapter writes to a fresh SQLite file in a temporary directory (set
 ``TMPDIR`` to measure another disk); the fsync latency of that directory's
 disk is measured first and reported with the figures, because the durable
@@ -53,6 +60,8 @@ from ._common import (
     percentile,
     row,
     settle_durable,
+    take_turns,
+    thread_round_trip,
     throughput,
     with_target,
 )
@@ -70,6 +79,11 @@ SCALING_TARGET: dict[Durability, float] = {"full": 8.0, "normal": 4.0}
 """transact_100 / transact_1, events/s: group commit must pay off (a fsync per batch)."""
 VERSUS_RAW_TARGET = 0.6
 """transact_100 / raw sqlite3 at the same batch size."""
+VERSUS_THREAD_TARGET: dict[Durability, float | None] = {"full": 0.95, "normal": None}
+"""transact_1 / the same raw SQL through one thread round trip per transaction.
+
+Issue 14 sets it for ``full``; with ``normal`` the row is reported without one.
+"""
 RATE = 1000.0
 """Events per second published by the latency scenario's writer."""
 P99_TARGET_MS = 10.0
@@ -161,7 +175,11 @@ class _Raw:
             execute("COMMIT")
 
     def commit_one(self, event: Written) -> None:
-        self.batches((event,), 1)
+        """One transaction of one event: BEGIN IMMEDIATE, the two inserts, COMMIT."""
+        execute = self.conn.execute
+        execute("BEGIN IMMEDIATE")
+        self._insert(event)
+        execute("COMMIT")
 
 
 # ---------------------------------------------------------- (1, 2, 3) transact
@@ -177,14 +195,29 @@ class _Batching:
 
 async def _compare_1(
     directory: str, durability: Durability, n: int, repeats: int
-) -> tuple[list[float], list[float]]:
-    """transact_1 against raw batches of 1: raw seconds, ours seconds."""
+) -> dict[str, list[float]]:
+    """transact_1 against raw batches of 1 and raw through a thread round trip each: seconds.
+
+    Keys ``raw`` (the plain thread loop, one call for all), ``raw_thread`` (one
+    ``anyio.to_thread.run_sync`` per transaction, from the event loop) and ``ours``.
+    """
     raw_db = _Raw(os.path.join(directory, "raw-1.db"), durability)
+    thread_db = _Raw(os.path.join(directory, "raw-thread-1.db"), durability)
+    # One connection: one thread at a time uses it, as the engine's writer does.
+    thread_limiter = anyio.CapacityLimiter(1)
 
     async def raw() -> float:
         events = _events(n)
         start = now()
         await anyio.to_thread.run_sync(raw_db.batches, events, 1)
+        return now() - start
+
+    async def raw_thread() -> float:
+        events = _events(n)
+        commit, run_sync, limiter = thread_db.commit_one, anyio.to_thread.run_sync, thread_limiter
+        start = now()
+        for event in events:
+            await run_sync(commit, event, limiter=limiter)
         return now() - start
 
     try:
@@ -199,9 +232,15 @@ async def _compare_1(
                     await transact(functools.partial(_write, event))
                 return now() - start
 
-            return await alternate(raw, ours, repeats, settle=settle_durable)
+            # Taking turns, the order reversed every other repetition, as alternate does.
+            return await take_turns(
+                {"raw": raw, "raw_thread": raw_thread, "ours": ours},
+                repeats,
+                settle=settle_durable,
+            )
     finally:
         raw_db.close()
+        thread_db.close()
 
 
 async def _compare_100(
@@ -246,16 +285,20 @@ async def _compare_100(
 
 
 async def durable_transact(durability: Durability, n: int, repeats: int) -> Measurement:
-    """transact_1, transact_100 and raw sqlite3 beside each; headline: 100 writers / 1 writer."""
+    """transact_1 (beside raw sqlite3 with and without a thread round trip per transaction),
+    transact_100 (beside raw at its batch size); headline: 100 writers / 1 writer."""
     writes_1 = max(1, n // TRANSACT_1_SHARE)
     writes_100 = n // WRITERS * WRITERS
     if writes_100 < WRITERS:
         raise ValueError(f"N must be at least {WRITERS} (one event per writer), got {n}")
     with tempfile.TemporaryDirectory(prefix="actorbus-bench-") as directory:
         disk = fsync_latency(directory, n)
-        raw_1, ours_1 = await _compare_1(directory, durability, writes_1, repeats)
+        hop = await thread_round_trip(n)
+        seconds_1 = await _compare_1(directory, durability, writes_1, repeats)
         raw_100, ours_100 = await _compare_100(directory, durability, writes_100, repeats)
-    single = throughput(writes_1, raw_1, ours_1)
+    ours_1 = seconds_1["ours"]
+    single = throughput(writes_1, seconds_1["raw"], ours_1)
+    single_thread = throughput(writes_1, seconds_1["raw_thread"], ours_1)
     group = throughput(writes_100, [s for s, _ in raw_100], [s for s, _ in ours_100])
     batch_sizes = [size for _, size in ours_100]
     batch = median(batch_sizes)
@@ -269,6 +312,15 @@ async def durable_transact(durability: Durability, n: int, repeats: int) -> Meas
             "label": f"transact_100 / transact_1 ({durability})",
             "durability": durability,
             "rows": [
+                with_target(
+                    row(
+                        f"transact_1 vs raw SQL + 1 thread round trip ({durability})",
+                        single_thread,
+                        unit,
+                    ),
+                    VERSUS_THREAD_TARGET[durability],
+                    higher_is_better=True,
+                ),
                 with_target(
                     row(f"transact_1 vs raw batch 1 ({durability})", single, unit),
                     None,
@@ -288,9 +340,11 @@ async def durable_transact(durability: Durability, n: int, repeats: int) -> Meas
             "raw_batch_sizes": [size for _, size in raw_100],
             "transact_1_rates": ours_1_rates,
             "raw_1_rates": single.extra["limit_rates"],
+            "raw_thread_1_rates": single_thread.extra["limit_rates"],
             "transact_100_rates": ours_100_rates,
             "raw_100_rates": group.extra["limit_rates"],
             **disk,
+            **hop,
         },
     )
 
