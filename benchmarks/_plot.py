@@ -150,7 +150,7 @@ def durable_writers(results: Sequence[dict[str, Any]], directory: Path) -> Path 
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for run in runs:
-        single, group = run["extra"]["rows"]
+        single, group = run["extra"]["rows"][-2:]  # the batch-1 and batch-100 rows
         where = f"{run['extra']['durability']}, {run['backend']}"
         writers = [1, run["extra"]["writers"]]
         axes.plot(writers, [single["ours"], group["ours"]], "o-", label=f"ours ({where})")

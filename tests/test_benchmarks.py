@@ -500,3 +500,24 @@ def test_harness_plot_option_writes_a_png_and_names_it(tmp_path: Path) -> None:
     assert f"wrote {pngs[0]}" in done.stdout
     # Not a terminal: plain progress lines, no rich bar.
     assert "running ask_roundtrip on asyncio" in done.stderr
+
+
+def test_harness_plots_the_durable_writers_from_a_real_run(tmp_path: Path) -> None:
+    """The durable chart reads the rows the durable scenario writes, whatever rows
+    come before the batch-1 and batch-100 ones."""
+    charts = tmp_path / "charts"
+
+    done = _run_harness(
+        "--smoke",
+        "--backend",
+        "asyncio",
+        "--only",
+        "durable_transact_full",
+        "--json",
+        str(tmp_path / "x.json"),
+        "--plot",
+        str(charts),
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert [path.name for path in sorted(charts.glob("*.png"))] == ["durable_writers.png"]
