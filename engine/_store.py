@@ -668,6 +668,9 @@ class Store:
         self._wakeup = anyio.Event()
         self._space: anyio.Event | None = None
         self._pending = 0
+        # The writer task waits for work with nothing held back: a caller may
+        # then run its own request in the writer's thread (see ``call``).
+        self._parked = False
         self._closing = False
         self._close_deadline = math.inf
         self._health = _Health(path)
@@ -813,7 +816,11 @@ class Store:
         try:
             while True:
                 if not waiting and not self._closing:
-                    await self._wakeup.wait()
+                    self._parked = True
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        self._parked = False
                 self._wakeup = anyio.Event()
                 if self._queue:
                     waiting.extend(self._queue)
@@ -954,12 +961,45 @@ class Store:
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         request = Request(fn, kind=kind)
+        handed = False
+        if (
+            self._parked
+            and not self._pending
+            and not self._closing
+            and self._health.failing_since is None  # an outage is the writer's to wait out
+        ):
+            # Nothing else to commit: this caller runs its request in the writer's
+            # thread itself, one thread round trip and no hand-off to the writer
+            # task and back. Whoever comes meanwhile queues for the writer, whose
+            # batch waits for the thread (the limiter): commit order is kept.
+            self._pending = 1
+            self.on_busy()
+            request.taken = True
+            # Not cancellable: the thread runs to the end of its COMMIT; a
+            # cancellation meanwhile is raised after it (below).
+            with anyio.CancelScope(shield=True):
+                fault = await anyio.to_thread.run_sync(
+                    self._write_batch, [request], limiter=self._write_limiter
+                )
+            if fault is None:
+                self._finish([request])
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                if request.error is not None:
+                    raise request.error
+                return request.result
+            # Rolled back by a storage fault: the writer retries it with backoff,
+            # as any other (it is counted as pending already).
+            request.taken = False
+            handed = True
         request.waiter = waiter = anyio.Event()
         deadline = math.inf if background else anyio.current_time() + self.timeout
         request.deadline = None if background else deadline
-        submitted = self.submit(request)
-        if not submitted:
+        if handed:
+            self._queue.append(request)
+            self._wakeup.set()
+        elif not self.submit(request):
             # max_pending writes wait (an outage holds them back): room, or the deadline.
+            submitted = False
             with anyio.move_on_at(deadline):
                 while not submitted:
                     if self._space is None:
