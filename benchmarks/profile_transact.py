@@ -106,12 +106,14 @@ Stage = tuple[str, str, Callable[[_Marks], int]]
 STAGES: tuple[Stage, ...] = (
     (
         "transact -> queued",
-        "on the loop: engine.transact's checks, the Request, Store.submit",
+        "on the loop: engine.transact's checks, the Request, Store.submit (with the "
+        "writer idle, the caller's own way to its hand-off)",
         lambda m: m.queued - m.call,
     ),
     (
         "queued -> hand-off",
-        "the writer task wakes on the loop and calls anyio.to_thread.run_sync",
+        "the writer task wakes on the loop and calls anyio.to_thread.run_sync (0 when "
+        "the caller hands off itself)",
         lambda m: m.handoff - m.queued,
     ),
     (
@@ -156,7 +158,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     (
         "thread done -> writer task resumes",
-        "the hop back: anyio reports the result to the loop, the writer task runs",
+        "the hop back: anyio reports the result to the loop, the writer task (or the caller) runs",
         lambda m: m.resumed - m.thread_end,
     ),
     (
@@ -283,7 +285,10 @@ class _Instruments:
         async def timed_run_sync(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             ours = func is timed_write_batch and _ours(state, args[0])
             if ours:
-                state.marks.handoff = ns()
+                marks = state.marks
+                marks.handoff = ns()
+                if not marks.queued:  # the caller hands off itself: never queued
+                    marks.queued = marks.handoff
             result = await run_sync(func, *args, **kwargs)
             if ours:
                 state.marks.resumed = ns()
