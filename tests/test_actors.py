@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+import trio.testing
 
 from engine import (
     Actor,
@@ -22,6 +23,23 @@ from engine import (
 from tests.helpers import Gate, Recorder, user_actors
 
 pytestmark = pytest.mark.anyio
+
+
+def virtual_clock_backends() -> list[Any]:
+    """asyncio, and trio on a virtual clock (a fresh one for each test that uses it)."""
+    return [
+        "asyncio",
+        pytest.param(("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}), id="trio"),
+    ]
+
+
+class Slow(Actor):
+    """Answers ``(delay, value)`` with ``value`` after sleeping ``delay`` seconds."""
+
+    async def receive(self, message: tuple[float, Any]) -> Any:
+        delay, value = message
+        await anyio.sleep(delay)
+        return value
 
 
 async def test_messages_are_handled_one_at_a_time_in_order() -> None:
@@ -94,6 +112,44 @@ async def test_ask_timeout_is_a_timeout_error_and_leaves_the_actor_running() -> 
         gate.set()
         assert await ref.ask("next") == "next"
     assert log == ["slow", "next"]
+
+
+@pytest.mark.parametrize("anyio_backend", virtual_clock_backends())
+async def test_a_late_reply_to_a_timed_out_ask_never_reaches_a_later_ask() -> None:
+    async with Engine() as engine:
+        ref = await engine.spawn(Slow, name="slow")
+        for i in range(3):
+            start = anyio.current_time()
+            with pytest.raises(AskTimeout):
+                await ref.ask((0.05, f"late {i}"), timeout=0.01)
+            assert anyio.current_time() - start >= 0.01 - 1e-9  # float rounding
+            # The actor is still on the timed-out message: this ask waits for its own reply.
+            assert await ref.ask((0, i)) == i
+            assert anyio.current_time() - start >= 0.05 - 1e-9
+        assert ref.statistics().processed == 6
+
+
+@pytest.mark.parametrize("anyio_backend", virtual_clock_backends())
+async def test_concurrent_asks_with_mixed_timeouts_each_get_their_own_outcome() -> None:
+    outcomes: dict[int, Any] = {}
+
+    async def asker(ref: Any, i: int) -> None:
+        # Every tenth message takes longer than its asker waits; the others are
+        # answered well within their (different) timeouts.
+        slow = i % 10 == 0
+        message = (0.01, i) if slow else (0, i)
+        try:
+            outcomes[i] = await ref.ask(message, timeout=0.001 if slow else 10.0 + i % 3)
+        except AskTimeout:
+            outcomes[i] = "timeout"
+
+    async with Engine() as engine:
+        ref = await engine.spawn(Slow, name="slow", capacity=300)
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(asker, ref, i)
+        assert outcomes == {i: "timeout" if i % 10 == 0 else i for i in range(200)}
+        assert await ref.ask((0, "after")) == "after"
 
 
 async def test_cancelled_asker_does_not_hurt_the_actor() -> None:
