@@ -6,6 +6,7 @@ Backpressure (depth, states, slots) has its own module, ``test_backpressure.py``
 from __future__ import annotations
 
 import collections
+import contextvars
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -503,6 +504,197 @@ async def test_metrics_cover_the_dispatcher_and_every_partition_actor() -> None:
         assert ref.statistics() == partitions
         assert (actors["single"].capacity, actors["single"].processed) == (9, 1)
         assert engine.root.children == [DISPATCHER, "subscription:m", "subscription:single"]
+
+
+# ----------------------------------------- handlers the dispatcher calls itself
+# A function handler without an await point is called by the dispatcher itself
+# while its partition's actor has nothing queued or running; these tests check
+# that the results are those of the mailbox path. The task a call ran in tells
+# the paths apart: the subscriber's is named "subscriber <partition>".
+
+
+def in_dispatcher() -> bool:
+    name = anyio.get_current_task().name
+    return name is None or not name.startswith("subscriber ")
+
+
+async def test_a_handler_without_await_points_is_called_by_the_dispatcher_holding_its_slot() -> (
+    None
+):
+    depths: list[int] = []
+    paths: list[bool] = []
+    engine = Engine()
+
+    async def handle(event: Any) -> None:
+        paths.append(in_dispatcher())
+        depths.append(engine.metrics().backpressure.depth)
+
+    async with engine:
+        ref = engine.subscribe(Ping, handler=handle, name="inline")
+        await anyio.wait_all_tasks_blocked()
+        for n in range(5):
+            await engine.publish(Ping(n=n))
+            await anyio.wait_all_tasks_blocked()
+        [stats] = ref.statistics()
+        assert (stats.processed, stats.failed, stats.depth) == (5, 0, 0)
+    assert paths == [True] * 5
+    assert depths == [1] * 5  # in flight while it runs
+    assert engine.metrics().backpressure.depth == 0
+
+
+async def test_a_handler_raising_in_the_dispatcher_is_retried_then_dead_lettered_as_before() -> (
+    None
+):
+    calls: list[tuple[int, bool]] = []
+
+    async def fails(event: Any) -> None:
+        calls.append((event.n, in_dispatcher()))
+        if event.n == 1:
+            raise ValueError("cannot digest 1")
+
+    async with Engine() as engine:
+        ref = engine.subscribe(Ping, handler=fails, name="fails", max_attempts=3)
+        await anyio.wait_all_tasks_blocked()
+        events = [Ping(n=n) for n in range(3)]
+        for event in events:
+            await engine.publish(event)
+            await anyio.wait_all_tasks_blocked()
+    [stats] = ref.statistics()
+    assert (stats.processed, stats.failed) == (3, 3)
+    # The first call in the dispatcher, the retries (after their backoff) in the
+    # subscriber's actor; the next event waits for them (either path, by timing).
+    assert calls[:4] == [(0, True), (1, True), (1, False), (1, False)]
+    assert [n for n, _ in calls[4:]] == [2]
+    [letter] = engine.dead_letters.list()
+    assert (letter.actor, letter.message, letter.reason, letter.attempts) == (
+        "fails",
+        events[1],
+        "failed",
+        3,
+    )
+    assert letter.error == "ValueError: cannot digest 1"
+    assert letter.traceback is not None
+    assert "cannot digest 1" in letter.traceback
+    assert engine.metrics().backpressure.depth == 0
+
+
+async def test_a_handler_that_raises_in_the_dispatcher_with_one_attempt_is_dead_lettered_once() -> (
+    None
+):
+    paths: list[bool] = []
+
+    async def fails(event: Any) -> None:
+        paths.append(in_dispatcher())
+        raise RuntimeError("no")
+
+    async with Engine() as engine:
+        ref = engine.subscribe(Ping, handler=fails, name="once", max_attempts=1)
+        await anyio.wait_all_tasks_blocked()
+        await engine.publish(Ping(n=1))
+        await anyio.wait_all_tasks_blocked()
+    assert paths == [True]
+    [stats] = ref.statistics()
+    assert (stats.processed, stats.failed) == (1, 1)
+    [letter] = engine.dead_letters.list()
+    assert (letter.actor, letter.reason, letter.attempts) == ("once", "failed", 1)
+    assert engine.metrics().backpressure.depth == 0
+
+
+async def test_order_holds_when_the_dispatcher_and_the_mailbox_paths_mix() -> None:
+    attempts: collections.Counter[int] = collections.Counter()
+    handled: list[int] = []
+    paths: set[bool] = set()
+
+    async def sometimes_fails(event: Any) -> None:
+        attempts[event.n] += 1
+        paths.add(in_dispatcher())
+        if event.n % 7 == 3 and attempts[event.n] == 1:
+            raise ConnectionError("try again")
+        handled.append(event.n)
+
+    async with Engine(backpressure=BackpressureConfig(max_depth=10_000)) as engine:
+        engine.subscribe(Ping, handler=sometimes_fails, name="mixed", capacity=5, max_attempts=2)
+        await anyio.wait_all_tasks_blocked()
+        for n in range(500):
+            if n % 50 == 0:
+                await anyio.wait_all_tasks_blocked()  # idle again: the dispatcher's path
+            await engine.publish(Ping(n=n))
+    assert paths == {True, False}
+    assert handled == list(range(500))
+    assert engine.dead_letters.count() == 0
+    assert engine.metrics().backpressure.depth == 0
+
+
+async def test_a_handler_awaiting_for_long_does_not_hold_up_other_subscriptions() -> None:
+    gate = anyio.Event()
+    fast: list[int] = []
+    slow: list[int] = []
+
+    async def waits(event: Any) -> None:
+        await gate.wait()
+        slow.append(event.n)
+
+    async with Engine() as engine:
+        engine.subscribe(Ping, handler=waits, name="slow", capacity=100)
+        engine.subscribe(Ping, handler=recorder(fast), name="fast")
+        await anyio.wait_all_tasks_blocked()
+        for n in range(50):
+            await engine.publish(Ping(n=n))
+        await anyio.wait_all_tasks_blocked()
+        assert numbers(fast) == list(range(50))
+        assert slow == []
+        gate.set()
+    assert slow == list(range(50))
+
+
+async def test_context_variables_a_handler_sets_stay_within_its_subscription() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("t4_var", default="unset")
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+
+    def setter(name: str) -> Handler:
+        async def handle(event: Any) -> None:
+            seen[name].append(var.get())
+            var.set(name)
+
+        return handle
+
+    async with Engine() as engine:
+        engine.subscribe(Ping, handler=setter("a"), name="a")
+        engine.subscribe(Ping, handler=setter("b"), name="b")
+        await anyio.wait_all_tasks_blocked()
+        for n in range(3):
+            await engine.publish(Ping(n=n))
+            await anyio.wait_all_tasks_blocked()
+    # Each subscription keeps its own context from one event to the next, as its
+    # actor's task would, and never sees the other's.
+    assert seen == {"a": ["unset", "a", "a"], "b": ["unset", "b", "b"]}
+
+
+async def test_shutdown_during_a_retry_after_a_failure_in_the_dispatcher_dead_letters_it() -> None:
+    entered = anyio.Event()
+    gate = anyio.Event()
+
+    async def fails_then_waits(event: Any) -> None:
+        if not in_dispatcher():
+            entered.set()
+            await gate.wait()
+        raise ValueError("first call fails")
+
+    with pytest.raises(Abort):
+        async with Engine() as engine:
+            engine.subscribe(Ping, handler=fails_then_waits, name="retrying", max_attempts=3)
+            await anyio.wait_all_tasks_blocked()
+            for n in range(3):
+                await engine.publish(Ping(n=n))
+            with anyio.fail_after(10):
+                await entered.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert engine.metrics().backpressure.depth == 3
+            raise Abort
+    letters = engine.dead_letters.list()
+    assert [(d.actor, d.reason) for d in letters] == [("retrying", "shutdown")] * 3
+    assert sorted(numbers([d.message for d in letters])) == [0, 1, 2]
+    assert engine.metrics().backpressure.depth == 0
 
 
 # ------------------------------------------------------------ shutdown
