@@ -54,8 +54,6 @@ Scope = Literal["node", "cluster"]
 
 def stable_hash(key: object) -> int:
     """A hash that is the same in every process (``hash(str)`` is salted per process)."""
-    if type(key) is int:  # the common key first: one test instead of two
-        return key
     if isinstance(key, bool):
         return int(key)
     if isinstance(key, int):
@@ -385,8 +383,8 @@ class Subscription:
         count = len(self.cells)
         if count == 1:
             return 0
-        key = self.key
-        return stable_hash(key(event) if key is not None else event.id) % count
+        key = self.key(event) if self.key is not None else event.id
+        return stable_hash(key) % count
 
     def pick(self, event: Event) -> Cell:
         cells = self.cells
