@@ -8,11 +8,9 @@ from typing import Any
 
 import anyio
 
-from engine._actor import Actor, Cell, Tracked, bind
+from engine._actor import Actor, bind
 from engine._cancel import as_failure
-from engine._errors import ActorStopped, MailboxFull
 from engine._routing import Delivery, OutboxRoutes, Router, Subscription
-from engine._types import DeadLetterReason
 
 __all__ = ["ActorSubscriber", "Dispatcher", "FunctionSubscriber"]
 
@@ -32,7 +30,6 @@ class Dispatcher(Actor):
 
     def __init__(self, router: Router, outbox: OutboxRoutes | None = None) -> None:
         self.router = router
-        self.cache = router.cache
         self.outbox = outbox
 
     async def receive(self, message: Delivery) -> None:
@@ -47,100 +44,30 @@ class Dispatcher(Actor):
             await target.deliver(message)
             return
         event = message.event
-        subscriptions = self.cache.get(type(event))
-        if subscriptions is None:
-            subscriptions = self.router.route(type(event))
+        subscriptions = self.router.route(type(event))
         if not subscriptions:
             message.done()
             return
         message.remaining = len(subscriptions)
         for index, subscription in enumerate(subscriptions):
-            cells = subscription.cells
-            if len(cells) == 1:
-                lane = 0
-            else:
-                try:
-                    lane = subscription.index(event)
-                except Exception as exc:
-                    subscription.refuse(message, "failed", exc)
-                    continue
-            cell = cells[lane]
-            if cell.open:
-                inline = subscription.inline
-                if inline is not None and cell.idle:
-                    # Its actor waits with an empty mailbox and the handler cannot
-                    # suspend: call it here, as that actor would next, without the
-                    # hop through its mailbox. The event keeps its slot meanwhile.
-                    coroutine = inline(event)
-                    try:
-                        subscription.contexts[lane].run(coroutine.send, None)
-                    except StopIteration:
-                        cell.processed += 1
-                        # Delivery.done written out (the router's events carry no seq,
-                        # so Delivery.finish would do no more).
-                        remaining = message.remaining = message.remaining - 1
-                        if not remaining:
-                            message.routes.release()
-                        continue
-                    except BaseException as exc:
-                        self._inline_failed(cell, message, exc)
-                        continue
-                    # Unreachable for a body without await points; should its code
-                    # have been swapped since, do not resume it in this task.
-                    coroutine.close()
-                    self._inline_failed(
-                        cell,
-                        message,
-                        RuntimeError(f"handler of {subscription.name!r} suspended when called"),
-                    )
-                    continue
-                queue = cell.queue
-                # The common case inline (as in ActorRef.try_tell): a mailbox with
-                # room. A deliberate copy of Cell.offer's fast path: this loop is
-                # the cost of every delivery.
-                if len(queue) < cell.capacity:
-                    queue.append(message)
-                    if len(queue) > cell.peak:
-                        cell.peak = len(queue)
-                    if cell.wakeup is not None:
-                        cell.wake()
-                    continue
+            try:
+                cell = subscription.pick(event)
+            except Exception as exc:
+                subscription.refuse(message, "failed", exc)
+                continue
+            queue = cell.queue
+            # The common case inline (as in ActorRef.try_tell): a mailbox with
+            # room. A deliberate copy of Cell.offer's fast path: this loop is
+            # the cost of every delivery.
+            if cell.open and len(queue) < cell.capacity:
+                queue.append(message)
+                if len(queue) > cell.peak:
+                    cell.peak = len(queue)
+                if cell.wakeup is not None:
+                    cell.wake()
+                continue
             message.undelivered = subscriptions[index:]
             await subscription.deliver_to(cell, message)
-
-    @staticmethod
-    def _inline_failed(cell: Cell, delivery: Delivery, caught: BaseException) -> None:
-        """The first call of a handler run inline failed: its actor takes over from
-        there, retrying and dead-lettering exactly as after a first call of its own."""
-        error = as_failure(caught)
-        if error is None:
-            raise caught
-        retry = Retry(delivery, error)
-        try:
-            # Its mailbox is empty (the actor was idle): there is room.
-            if cell.offer(retry):
-                return
-        except (ActorStopped, MailboxFull):
-            pass
-        cell.failed += 1
-        delivery.dead_letter(cell, "failed", error, 1)
-
-
-class Retry(Tracked):
-    """To a function subscriber: ``delivery`` whose first call, made by the
-    dispatcher, failed with ``error``; retry it (the next attempt is the second)."""
-
-    __slots__ = ("delivery", "error")
-
-    def __init__(self, delivery: Delivery, error: Exception) -> None:
-        self.delivery = delivery
-        self.error = error
-
-    def dead_letter(
-        self, cell: Cell, reason: DeadLetterReason, error: BaseException | None, attempts: int
-    ) -> None:
-        # Stopped, shut down or dropped while waiting: as the delivery itself would be.
-        self.delivery.dead_letter(cell, reason, error, attempts)
 
 
 class FunctionSubscriber(Actor):
@@ -153,11 +80,7 @@ class FunctionSubscriber(Actor):
         self.subscription = subscription
         self.handler = handler
 
-    async def receive(self, message: Delivery | Retry) -> None:
-        if type(message) is Retry:
-            await self._retry(message.delivery, message.error)
-            return
-        assert type(message) is Delivery
+    async def receive(self, message: Delivery) -> None:
         event = message.event
         try:
             await self.handler(event)

@@ -192,7 +192,7 @@ class EventBus:
             raise
         for cell, instance in started:
             cell.dead_letter_name = subscription.name
-            subscription.attach(cell)
+            subscription.cells.append(cell)
             runtime.start_task(cell.run, instance, name=f"subscriber {cell.name}")
         if self.tracking is not None:
             self.tracking.start(subscription)
@@ -213,44 +213,17 @@ class EventBus:
             controller.give_back()
             raise BackpressureError("the dispatcher mailbox is full")
 
-    def offer(self, delivery: Delivery) -> None:
-        """``dispatch`` with the common case inline (as in ``ActorRef.try_tell``): a
-        dispatcher mailbox with room. ``Cell.open`` covers its other checks."""
-        cell = self.dispatcher
-        if cell is not None and cell.open:
-            queue = cell.queue
-            if len(queue) < cell.capacity:
-                queue.append(delivery)
-                if len(queue) > cell.peak:
-                    cell.peak = len(queue)
-                if cell.wakeup is not None:
-                    cell.wake()
-                return
-        self.dispatch(delivery)
-
     async def publish(self, event: Event, timeout: float | None) -> None:  # noqa: ASYNC109
         """Take a slot (waiting while CRITICAL, up to ``timeout``) and dispatch ``event``."""
         controller = self.controller
         if not controller.try_acquire():
             await controller.acquire(timeout)
-        self.offer(Delivery(event, self.routes))
+        self.dispatch(Delivery(event, self.routes))
 
     def try_publish(self, event: Event) -> None:
         if not self.controller.try_acquire():
             self.refuse_critical()
-        # ``offer`` written out: this is the cost of every publish.
-        delivery = Delivery(event, self.routes)
-        cell = self.dispatcher
-        if cell is not None and cell.open:
-            queue = cell.queue
-            if len(queue) < cell.capacity:
-                queue.append(delivery)
-                if len(queue) > cell.peak:
-                    cell.peak = len(queue)
-                if cell.wakeup is not None:
-                    cell.wake()
-                return
-        self.dispatch(delivery)
+        self.dispatch(Delivery(event, self.routes))
 
     async def redeliver(self, letter: DeadLetter) -> None:
         """Replay ``letter``: an event to its subscription (or, the relay's, to every

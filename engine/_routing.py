@@ -9,18 +9,15 @@ the dispatcher's cell, the dead letters, the slot's release) comes through one
 
 from __future__ import annotations
 
-import dis
 import inspect
 import random
-import types
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
-from contextvars import Context, copy_context
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from ._actor import Actor, ActorRef, Cell, Tracked, current_cell
+from ._actor import Actor, ActorRef, Cell, Tracked
 from ._errors import ActorStopped, MailboxFull
 from ._events import Event
 from ._supervision import check_name
@@ -42,12 +39,10 @@ __all__ = [
     "Subscription",
     "SubscriptionRef",
     "is_async_function",
-    "never_suspends",
     "stable_hash",
 ]
 
 EventHandler = Callable[[Any], Awaitable[None]]
-InlineHandler = Callable[[Any], Coroutine[Any, Any, None]]
 Projector = Callable[[Any, Any], Any]
 Scope = Literal["node", "cluster"]
 
@@ -71,38 +66,6 @@ def is_async_function(handler: object) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
     )
-
-
-# The instructions a coroutine can suspend at (``await``, ``async for``, ``async with``
-# all compile to a YIELD_VALUE; the others are listed in case a version does not).
-_SUSPENDING = frozenset(
-    {
-        "YIELD_VALUE",
-        "SEND",
-        "GET_AWAITABLE",
-        "GET_AITER",
-        "GET_ANEXT",
-        "BEFORE_ASYNC_WITH",
-        "END_ASYNC_FOR",
-        "ASYNC_GEN_WRAP",
-    }
-)
-
-
-def never_suspends(handler: object) -> bool:
-    """True for an ``async def`` function (or bound method) whose body has no await point.
-
-    Its coroutine runs to the end on the first ``send(None)``: it cannot suspend,
-    so it cannot be cancelled, wait for anything or let another task run while it
-    runs. Callable objects, partials and anything else answer False (not proven).
-    """
-    function = handler.__func__ if isinstance(handler, types.MethodType) else handler
-    if not isinstance(function, types.FunctionType):
-        return False
-    code = function.__code__
-    if not code.co_flags & inspect.CO_COROUTINE:
-        return False
-    return not any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
 
 
 class DeadLetterRecorder(Protocol):
@@ -329,14 +292,7 @@ class Subscription:
         self.backoff = backoff
         self.rng = rng
         self.is_function = not projection and is_async_function(handler)
-        # A function handler that never suspends: the dispatcher may call it itself
-        # when its partition's actor has nothing queued or running (see ``attach``).
-        self.inline: InlineHandler | None = (
-            handler if self.is_function and never_suspends(handler) else None
-        )
         self.cells: list[Cell] = []
-        # With ``inline``: per partition, the context the dispatcher calls it in.
-        self.contexts: list[Context] = []
         # Routed by the dispatcher; a durable subscription goes live once it caught up.
         self.live = True
         # A projection: ``handler`` is ``projector(tx, event)``, run in the writer.
@@ -356,18 +312,6 @@ class Subscription:
 
     def matches(self, event_type: type) -> bool:
         return issubclass(event_type, self.event_types)
-
-    def attach(self, cell: Cell) -> None:
-        """``cell`` runs the next partition (in partition order)."""
-        self.cells.append(cell)
-        if self.inline is not None:
-            # What the partition's own task starts with (started from here, it copies
-            # this context and sets ``current_cell``), so a handler called by the
-            # dispatcher sees the same context variables, and its own sets stay
-            # within its partition instead of reaching other subscriptions.
-            context = copy_context()
-            context.run(current_cell.set, cell)
-            self.contexts.append(context)
 
     def partition_names(self) -> list[str]:
         if self.partition_count == 1:
@@ -487,26 +431,24 @@ class Router:
 
     def __init__(self) -> None:
         self.subscriptions: dict[str, Subscription] = {}
-        # Routes worked out so far, per concrete type. The dispatcher reads it
-        # first (one dict lookup per event); it is cleared, never replaced.
-        self.cache: dict[type, tuple[Subscription, ...]] = {}
+        self._routes: dict[type, tuple[Subscription, ...]] = {}
 
     def add(self, subscription: Subscription) -> None:
         self.subscriptions[subscription.name] = subscription
-        self.cache.clear()
+        self._routes.clear()
 
     def changed(self) -> None:
         """A subscription went live: routes are worked out again."""
-        self.cache.clear()
+        self._routes.clear()
 
     def route(self, event_type: type) -> tuple[Subscription, ...]:
         try:
-            return self.cache[event_type]
+            return self._routes[event_type]
         except KeyError:
             routes = tuple(
                 s for s in self.subscriptions.values() if s.live and s.matches(event_type)
             )
-            self.cache[event_type] = routes
+            self._routes[event_type] = routes
             return routes
 
 
