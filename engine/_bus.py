@@ -200,9 +200,23 @@ class EventBus:
     # ------------------------------------------------------------- publishing
 
     def dispatch(self, delivery: Delivery) -> None:
-        """Hand ``delivery`` (holding a slot) to the dispatcher's mailbox."""
+        """Hand ``delivery`` (holding a slot) to the dispatcher's mailbox.
+
+        With the dispatcher idle (nothing queued before it, nothing in hand), an
+        in-memory event is routed here and now when every mailbox it goes to has
+        room: the same order and the same slot, one task hop fewer.
+        """
         dispatcher = self.dispatcher
         assert dispatcher is not None
+        if (
+            dispatcher.idle
+            and delivery.subscription is None
+            and delivery.seq is None
+            and delivery.entry is None
+            and self.router.route_now(delivery)
+        ):
+            dispatcher.processed += 1  # routed on its behalf: its count stays "events routed"
+            return
         controller = self.controller
         try:
             accepted = dispatcher.offer(delivery)

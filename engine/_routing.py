@@ -451,6 +451,54 @@ class Router:
             self._routes[event_type] = routes
             return routes
 
+    def route_now(self, delivery: Delivery) -> bool:
+        """Route an in-memory ``delivery`` without waiting, as the dispatcher would.
+
+        Only when every matching subscription's partition has room in its mailbox
+        (and its key function answers): then each takes it now and this returns
+        True. Otherwise nothing is delivered and it returns False: the dispatcher
+        does it, waiting where it must.
+        """
+        event = delivery.event
+        subscriptions = self.route(type(event))
+        if len(subscriptions) == 1:  # the common case, without a list per event
+            try:
+                cell = subscriptions[0].pick(event)
+            except Exception:
+                return False  # the dispatcher dead-letters it for that subscription
+            if not cell.open or len(cell.queue) >= cell.capacity:
+                return False
+            delivery.routed = True
+            _push(cell, delivery)
+            return True
+        cells: list[Cell] = []
+        for subscription in subscriptions:
+            try:
+                cell = subscription.pick(event)
+            except Exception:
+                return False
+            if not cell.open or len(cell.queue) >= cell.capacity:
+                return False
+            cells.append(cell)
+        delivery.routed = True
+        if not cells:
+            delivery.done()
+            return True
+        delivery.remaining = len(cells)
+        for cell in cells:
+            _push(cell, delivery)
+        return True
+
+
+def _push(cell: Cell, delivery: Delivery) -> None:
+    """Queue ``delivery`` in ``cell``'s mailbox (it has room) and wake it."""
+    queue = cell.queue
+    queue.append(delivery)
+    if len(queue) > cell.peak:
+        cell.peak = len(queue)
+    if cell.wakeup is not None:
+        cell.wake()
+
 
 def check_event_types(event_types: tuple[object, ...], verb: str) -> tuple[type[Event], ...]:
     """``event_types`` of ``subscribe``/``project``: at least one, each an Event subclass."""

@@ -259,9 +259,17 @@ def test_an_engine_takes_only_a_backpressure_config() -> None:
 async def test_an_idle_engine_is_normal_with_the_widest_margin_accepted() -> None:
     # A margin equal to the warning threshold: WARNING is left only at depth 0.
     config = BackpressureConfig(max_depth=100, hysteresis=0.7)
+    gate = anyio.Event()
+
+    async def held(event: Tick) -> None:
+        await gate.wait()
+
     async with Engine(backpressure=config) as engine:
+        engine.subscribe(Tick, handler=held, name="held", capacity=100)
         for n in range(90):
-            engine.try_publish(Tick(n=n))  # nobody subscribes: each finishes when routed
+            engine.try_publish(Tick(n=n))  # held in the mailbox until the gate opens
+        assert state(engine).state is CRITICAL
+        gate.set()
         await anyio.wait_all_tasks_blocked()
         assert state(engine).depth == 0
         assert state(engine).state is NORMAL
