@@ -303,7 +303,7 @@ SCENARIOS = by_name(
         run=ask_roundtrip,
         unit="µs",
         higher_is_better=False,
-        target=0.9,
+        target=0.6,  # issue 14 (issue 2 set 0.9)
         n={"full": 10_000, "quick": 1_000, "smoke": 200},
     ),
     Scenario(
