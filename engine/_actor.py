@@ -9,8 +9,7 @@ import heapq
 import itertools
 import logging
 import math
-import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
@@ -143,7 +142,7 @@ class _Ask:
 _Deadline = tuple[float, int, _Ask]
 
 
-class _AskTimer:
+class AskTimer:
     """Times out the asks made to one engine's actors from one task it owns.
 
     A cancel scope with a deadline costs 6-9 µs to enter and leave, a third of
@@ -210,24 +209,6 @@ class _AskTimer:
             self.wakeup = None
 
 
-# One ask timer per host (engine), started by the first ask with a timeout.
-_timers: weakref.WeakKeyDictionary[Host, _AskTimer] = weakref.WeakKeyDictionary()
-
-
-def _ask_timer(cell: Cell) -> _AskTimer | None:
-    """The running timer of ``cell``'s engine; None when no task can be started for one."""
-    timer = _timers.get(cell.host)
-    if timer is None or not timer.alive:
-        timer = _AskTimer()
-        try:
-            cell.host.start_task(timer.run, cell.new_event, name="actorbus ask timer")
-        except EngineError:
-            return None
-        _timers[cell.host] = timer
-    cell.timer = timer
-    return timer
-
-
 class DeadLetterSink(Protocol):
     """Where a cell records what it could not deliver."""
 
@@ -273,10 +254,9 @@ class Host(Protocol):
         """Raise the error for work from outside while the engine does not take it."""
         ...
 
-    def start_task(
-        self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str
-    ) -> None:
-        """Run ``fn(*args)`` in the engine's task group (``EngineError`` when not running)."""
+    def ask_timer(self) -> AskTimer | None:
+        """The engine's ask timer, its task started on first use; None when the
+        engine runs no tasks (a cancel scope per ask does its work then)."""
 
     def forget(self, child: Cell | Supervisor) -> None:
         """Unregister a stopped cell's (or supervisor's) name."""
@@ -398,9 +378,9 @@ class ActorRef(Generic[_M]):
                     queued = True
             timer = cell.timer
             if timer is None or not timer.alive:
-                timer = _ask_timer(cell)
+                timer = cell.timer = cell.host.ask_timer()
             if not queued:
-                pass
+                pass  # no room within the deadline: AskTimeout below
             elif timer is not None:
                 timer.add(deadline, ask)
                 try:
@@ -468,7 +448,7 @@ class Cell:
         # A cell lives in one event loop: its events come from that backend's class.
         self.new_event = event_class()
         # The engine's ask timer, found on the first ask with a timeout.
-        self.timer: _AskTimer | None = None
+        self.timer: AskTimer | None = None
         self.state = ActorState.STARTING
         self.closed = False
         # True while anyone may queue without further checks: not closed and

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from ._actor import Actor, ActorRef, Cell, DeadLetterSink, current_cell
+from ._actor import Actor, ActorRef, AskTimer, Cell, DeadLetterSink, current_cell, event_class
 from ._errors import EngineError
 from ._supervision import ChildSpec, Supervisor
 from ._types import ActorStatistics, Backoff, Overflow, Restart, Strategy
@@ -73,6 +73,7 @@ class Runtime:
     def __init__(self, dead_letters: DeadLetterSink, *, shutdown_timeout: float) -> None:
         self.dead_letters = dead_letters
         self.shutdown_timeout = shutdown_timeout
+        self._ask_timer: AskTimer | None = None
         self.phase = Phase.NEW
         # phase is RUNNING, kept as a plain attribute: every tell reads it.
         self.accepting = False
@@ -221,6 +222,19 @@ class Runtime:
     ) -> None:
         """Run ``fn(*args)`` in the engine's task group."""
         self.task_group.start_soon(fn, *args, name=name)
+
+    def ask_timer(self) -> AskTimer | None:
+        """The engine's ask timer (one task for every ask with a timeout), started on
+        first use and again if its task ended; None when no task can be started."""
+        timer = self._ask_timer
+        if timer is None or not timer.alive:
+            timer = AskTimer()
+            try:
+                self.start_task(timer.run, event_class(), name="actorbus ask timer")
+            except EngineError:
+                return None
+            self._ask_timer = timer
+        return timer
 
     def start_builtin_soon(
         self,
