@@ -376,22 +376,21 @@ class ActorRef(Generic[_M]):
                 with anyio.CancelScope(deadline=deadline):
                     await cell.put(ask)
                     queued = True
-            timer = cell.timer
-            if timer is None or not timer.alive:
-                timer = cell.timer = cell.host.ask_timer()
-            if not queued:
-                pass  # no room within the deadline: AskTimeout below
-            elif timer is not None:
-                timer.add(deadline, ask)
-                try:
-                    await ask.event.wait()
-                finally:
-                    # A cancelled asker abandons the ask: its reply is dropped.
-                    ask.done = True
-                    timer.settle()
-            else:
-                with anyio.CancelScope(deadline=deadline):
-                    await ask.event.wait()
+            if queued:  # else no room came within the deadline: AskTimeout below
+                timer = cell.timer
+                if timer is None or not timer.alive:
+                    timer = cell.timer = cell.host.ask_timer()
+                if timer is not None:
+                    timer.add(deadline, ask)
+                    try:
+                        await ask.event.wait()
+                    finally:
+                        # A cancelled asker abandons the ask: its reply is dropped.
+                        ask.done = True
+                        timer.settle()
+                else:  # the engine runs no tasks now: a cancel scope does the timer's work
+                    with anyio.CancelScope(deadline=deadline):
+                        await ask.event.wait()
             if ask.expired or not ask.done:
                 raise AskTimeout(
                     f"{cell.name!r} did not answer {type(message).__name__} within {timeout} s"

@@ -152,6 +152,25 @@ async def test_concurrent_asks_with_mixed_timeouts_each_get_their_own_outcome() 
         assert await ref.ask((0, "after")) == "after"
 
 
+@pytest.mark.parametrize("anyio_backend", virtual_clock_backends())
+async def test_an_ask_into_a_full_blocking_mailbox_waits_for_room_within_its_timeout() -> None:
+    """The wait for room counts against the ask's timeout: room in time, and the ask
+    is answered; none, and it raises ``AskTimeout`` without its message ever queued."""
+    async with Engine() as engine:
+        ref = await engine.spawn(Slow, name="slow", capacity=1, overflow=Overflow.BLOCK)
+        await ref.tell((0.1, "busy"))  # in hand for 0.1 s
+        await ref.tell((0.1, "queued"))  # fills the mailbox until the first is done
+        start = anyio.current_time()
+        with pytest.raises(AskTimeout):
+            await ref.ask((0, "no room"), timeout=0.05)
+        assert anyio.current_time() - start >= 0.05 - 1e-9
+        # Room comes after 0.1 s; this ask is answered once "queued" took its 0.1 s too.
+        assert await ref.ask((0, "room"), timeout=5.0) == "room"
+        assert anyio.current_time() - start >= 0.2 - 1e-9
+        # Handled: busy, queued, room; "no room" never reached the actor.
+        assert ref.statistics().processed == 3
+
+
 async def test_cancelled_asker_does_not_hurt_the_actor() -> None:
     gate = anyio.Event()
     entered = anyio.Event()
