@@ -987,8 +987,10 @@ class Store:
                 if request.error is not None:
                     raise request.error
                 return request.result
-            # Rolled back by a storage fault: the writer retries it with backoff,
-            # as any other (it is counted as pending already).
+            # Rolled back by a storage fault: the outage begins now (logged, in the
+            # metrics), and the writer retries it with backoff, as any other (it is
+            # counted as pending already).
+            self._health.fault(fault, self._pending)
             request.taken = False
             handed = True
         request.waiter = waiter = anyio.Event()
