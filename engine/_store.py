@@ -671,6 +671,7 @@ class Store:
         # The writer task waits for work with nothing held back: a caller may
         # then run its own request in the writer's thread (see ``call``).
         self._parked = False
+        self._writer_gone = False
         self._closing = False
         self._close_deadline = math.inf
         self._health = _Health(path)
@@ -876,6 +877,7 @@ class Store:
                 # Anything still pending when the loop ends (cancelled) fails clearly.
                 self._abandon(waiting + self._queue, None)
                 self._queue = []
+                self._writer_gone = True  # nothing queued from now on would ever run
                 # A read still running in its thread finishes before its connection closes.
                 async with self._read_limiter:
                     await anyio.to_thread.run_sync(
@@ -993,6 +995,11 @@ class Store:
             self._health.fault(fault, self._pending)
             request.taken = False
             handed = True
+        if handed and self._writer_gone:
+            # The engine stopped while this caller's thread ran: nobody retries it.
+            self._abandon([request], fault)
+            assert request.error is not None
+            raise request.error
         request.waiter = waiter = anyio.Event()
         deadline = math.inf if background else anyio.current_time() + self.timeout
         request.deadline = None if background else deadline

@@ -28,6 +28,7 @@ from engine import (
     BackpressureConfig,
     BackpressureError,
     Engine,
+    EngineError,
     Event,
     StorageError,
     Transaction,
@@ -593,3 +594,46 @@ async def test_a_read_only_database_is_refused_at_start_with_a_storage_error(
     finally:
         disk.read_only(False)
     assert query(path, "SELECT count(*) FROM outbox") == [(1,)]
+
+
+async def test_a_write_that_faults_after_the_writer_stopped_fails_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    """A caller runs its own write in the writer's thread (nothing else pending); the
+    engine stops meanwhile, beyond its shutdown timeout, and the write then meets a
+    storage fault: with no writer left to retry it, the caller learns at once that
+    nothing was committed, instead of waiting for ever."""
+    path = str(tmp_path / "app.db")
+    entered = threading.Event()
+    go_on = threading.Event()
+    outcome: list[BaseException] = []
+
+    def stuck(tx: Transaction) -> None:
+        entered.set()
+        go_on.wait(30)
+        # A real storage fault (SQLITE_BUSY, with its error code): another connection
+        # cannot take the write lock this transaction holds.
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+        finally:
+            other.close()
+
+    async def call(engine: Engine) -> None:
+        try:
+            await engine.transact(stuck)
+        except EngineError as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            async with Engine(path, shutdown_timeout=0.1) as engine:
+                tg.start_soon(call, engine)
+                await anyio.to_thread.run_sync(entered.wait)
+                # Let the write go on once the engine's stop has given up waiting for it.
+                timer = threading.Timer(0.5, go_on.set)
+                timer.start()
+            timer.join()
+    assert len(outcome) == 1
+    assert "stopped before this write committed" in str(outcome[0])
+    assert query(path, "SELECT count(*) FROM outbox") == [(0,)]
