@@ -57,8 +57,8 @@ class Dispatcher(Actor):
                 continue
             queue = cell.queue
             # The common case inline (as in ActorRef.try_tell): a mailbox with
-            # room. A deliberate copy of Cell.offer's fast path: this loop is
-            # the cost of every delivery.
+            # room. A deliberate copy of Cell.has_room and Cell.enqueue: this
+            # loop is the cost of every delivery.
             if cell.open and len(queue) < cell.capacity:
                 queue.append(message)
                 if len(queue) > cell.peak:

@@ -502,12 +502,21 @@ class Cell:
                 self.dead_letter(item, "dropped")
                 return True
             self.dead_letter(queue.popleft(), "dropped")
+        self.enqueue(item)
+        return True
+
+    def has_room(self) -> bool:
+        """Whether anyone may queue here now without a check or a wait: open and not full."""
+        return self.open and len(self.queue) < self.capacity
+
+    def enqueue(self, item: Any) -> None:
+        """Queue ``item`` (the mailbox has room for it) and wake the idle loop."""
+        queue = self.queue
         queue.append(item)
         if len(queue) > self.peak:
             self.peak = len(queue)
         if self.wakeup is not None:
             self.wake()
-        return True
 
     async def put(self, item: Any) -> None:
         """Wait for room, then queue ``item`` (the slow path of ``tell``)."""

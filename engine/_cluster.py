@@ -151,6 +151,11 @@ def format_id(position: tuple[int, int]) -> str:
     return f"{position[0]}-{position[1]}"
 
 
+def _away_or_answered() -> tuple[type[Exception], ...]:
+    """Redis away (``Unavailable``) or answering no: how a call that did not go through ends."""
+    return (Unavailable, *ANSWERS())
+
+
 def _next_id(position: tuple[int, int]) -> str:
     return f"{position[0]}-{position[1] + 1}"
 
@@ -467,7 +472,7 @@ class ClusterLink:
                     failure = exc
             if failure is not None:
                 rows = []
-                if not isinstance(failure, (Unavailable, *ANSWERS())):
+                if not isinstance(failure, _away_or_answered()):
                     raise failure
                 if not isinstance(failure, Unavailable):
                     logger.error("cluster: Redis refused forwarded events: %s", failure)
@@ -800,9 +805,7 @@ class ClusterLink:
                     acked = await self._script(
                         "ack", [lease.key, stream], [lease.token, group, entry.identifier]
                     )
-                except Exception as exc:
-                    if not isinstance(exc, (Unavailable, *ANSWERS())):
-                        raise
+                except _away_or_answered():
                     return False  # not taken (Redis away, or its group gone): read again
         finally:
             runtime.idle()

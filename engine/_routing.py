@@ -460,24 +460,13 @@ class Router:
         does it, waiting where it must.
         """
         event = delivery.event
-        subscriptions = self.route(type(event))
-        if len(subscriptions) == 1:  # the common case, without a list per event
-            try:
-                cell = subscriptions[0].pick(event)
-            except Exception:
-                return False  # the dispatcher dead-letters it for that subscription
-            if not cell.open or len(cell.queue) >= cell.capacity:
-                return False
-            delivery.routed = True
-            _push(cell, delivery)
-            return True
         cells: list[Cell] = []
-        for subscription in subscriptions:
+        for subscription in self.route(type(event)):
             try:
                 cell = subscription.pick(event)
             except Exception:
-                return False
-            if not cell.open or len(cell.queue) >= cell.capacity:
+                return False  # the dispatcher dead-letters it for that subscription
+            if not cell.has_room():
                 return False
             cells.append(cell)
         delivery.routed = True
@@ -486,18 +475,8 @@ class Router:
             return True
         delivery.remaining = len(cells)
         for cell in cells:
-            _push(cell, delivery)
+            cell.enqueue(delivery)
         return True
-
-
-def _push(cell: Cell, delivery: Delivery) -> None:
-    """Queue ``delivery`` in ``cell``'s mailbox (it has room) and wake it."""
-    queue = cell.queue
-    queue.append(delivery)
-    if len(queue) > cell.peak:
-        cell.peak = len(queue)
-    if cell.wakeup is not None:
-        cell.wake()
 
 
 def check_event_types(event_types: tuple[object, ...], verb: str) -> tuple[type[Event], ...]:
