@@ -487,7 +487,15 @@ def test_plot_writes_pngs_from_a_tiny_document(tmp_path: Path) -> None:
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
 
 
-def test_harness_plot_option_writes_a_png_and_names_it(tmp_path: Path) -> None:
+# The durable chart reads the rows the durable scenario writes, whatever rows come
+# before the batch-1 and batch-100 ones: plotted from a real run, not a crafted one.
+@pytest.mark.parametrize(
+    ("scenario", "chart"),
+    [("ask_roundtrip", "ask_latency.png"), ("durable_transact_full", "durable_writers.png")],
+)
+def test_harness_plot_option_writes_a_png_and_names_it(
+    tmp_path: Path, scenario: str, chart: str
+) -> None:
     charts = tmp_path / "charts"
 
     done = _run_harness(
@@ -495,7 +503,7 @@ def test_harness_plot_option_writes_a_png_and_names_it(tmp_path: Path) -> None:
         "--backend",
         "asyncio",
         "--only",
-        "ask_roundtrip",
+        scenario,
         "--json",
         str(tmp_path / "x.json"),
         "--plot",
@@ -504,28 +512,7 @@ def test_harness_plot_option_writes_a_png_and_names_it(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     pngs = sorted(charts.glob("*.png"))
-    assert [path.name for path in pngs] == ["ask_latency.png"]
+    assert [path.name for path in pngs] == [chart]
     assert f"wrote {pngs[0]}" in done.stdout
     # Not a terminal: plain progress lines, no rich bar.
-    assert "running ask_roundtrip on asyncio" in done.stderr
-
-
-def test_harness_plots_the_durable_writers_from_a_real_run(tmp_path: Path) -> None:
-    """The durable chart reads the rows the durable scenario writes, whatever rows
-    come before the batch-1 and batch-100 ones."""
-    charts = tmp_path / "charts"
-
-    done = _run_harness(
-        "--smoke",
-        "--backend",
-        "asyncio",
-        "--only",
-        "durable_transact_full",
-        "--json",
-        str(tmp_path / "x.json"),
-        "--plot",
-        str(charts),
-    )
-
-    assert done.returncode == 0, done.stderr
-    assert [path.name for path in sorted(charts.glob("*.png"))] == ["durable_writers.png"]
+    assert f"running {scenario} on asyncio" in done.stderr
