@@ -10,6 +10,7 @@ import anyio
 
 from engine._actor import Actor, bind
 from engine._cancel import as_failure
+from engine._events import Event
 from engine._routing import Delivery, OutboxRoutes, Router, Subscription
 
 __all__ = ["ActorSubscriber", "Dispatcher", "FunctionSubscriber"]
@@ -73,15 +74,16 @@ class Dispatcher(Actor):
 class FunctionSubscriber(Actor):
     """Runs a stateless async handler.
 
-    A failing call is retried with backoff, then dead-lettered: no restart is needed.
+    A failing call is retried with backoff, then dead-lettered: no restart is
+    needed. A message is a ``Delivery`` or a bare event (see ``engine._routing``).
     """
 
     def __init__(self, subscription: Subscription, handler: EventHandler) -> None:
         self.subscription = subscription
         self.handler = handler
 
-    async def receive(self, message: Delivery) -> None:
-        event = message.event
+    async def receive(self, message: Delivery | Event) -> None:
+        event = message.event if type(message) is Delivery else message
         try:
             await self.handler(event)
         except BaseException as exc:
@@ -89,20 +91,20 @@ class FunctionSubscriber(Actor):
             error = as_failure(exc)
             if error is None:
                 raise
-            await self._retry(message, error)
+            await self._retry(message, event, error)
             return
         cell = self._actorbus_cell
         assert cell is not None
-        message.finish(cell)
+        self.subscription.finished(cell, message)
 
-    async def _retry(self, delivery: Delivery, error: Exception) -> None:
+    async def _retry(self, message: Delivery | Event, event: Any, error: Exception) -> None:
         sub = self.subscription
         attempts = 1
         while attempts < sub.max_attempts:
             await anyio.sleep(sub.backoff.delay(attempts, sub.rng))
             attempts += 1
             try:
-                await self.handler(delivery.event)
+                await self.handler(event)
             except BaseException as exc:
                 failure = as_failure(exc)
                 if failure is None:
@@ -111,23 +113,24 @@ class FunctionSubscriber(Actor):
                 continue
             cell = self._actorbus_cell
             assert cell is not None
-            delivery.finish(cell)
+            sub.finished(cell, message)
             return
         cell = self._actorbus_cell
         assert cell is not None
         cell.failed += attempts
-        delivery.dead_letter(cell, "failed", error, attempts)
+        cell.dead_letter(message, "failed", error, attempts)
 
 
 class ActorSubscriber(Actor):
     """Wraps a user's Actor so that it receives the event and its delivery is tracked."""
 
-    def __init__(self, factory: Callable[[], Actor]) -> None:
+    def __init__(self, subscription: Subscription, factory: Callable[[], Actor]) -> None:
         inner = factory()
         if not isinstance(inner, Actor):
             raise TypeError(
                 f"subscription handler factory must return an Actor, got {type(inner).__name__}"
             )
+        self.subscription = subscription
         self.inner = inner
 
     async def on_start(self) -> None:
@@ -141,9 +144,10 @@ class ActorSubscriber(Actor):
         bind(self.inner, self._actorbus_cell)
         await self.inner.on_restart(error)
 
-    async def receive(self, message: Delivery) -> Any:
-        result = await self.inner.receive(message.event)
+    async def receive(self, message: Delivery | Event) -> Any:
+        event = message.event if type(message) is Delivery else message
+        result = await self.inner.receive(event)
         cell = self._actorbus_cell
         assert cell is not None
-        message.finish(cell)
+        self.subscription.finished(cell, message)
         return result

@@ -232,6 +232,24 @@ class Track(Protocol):
     def finish(self, seq: int) -> None: ...
 
 
+class Owner(Protocol):
+    """Answers for the messages of a cell that carry nothing of their own.
+
+    A subscription's partition holds bare events (each holding a backpressure
+    slot, see ``engine._routing``): what the cell cannot deliver goes back to
+    the subscription, which records it under its own name and gives back the slot.
+    """
+
+    def dead_letter(
+        self,
+        cell: Cell,
+        message: Any,
+        reason: DeadLetterReason,
+        error: BaseException | None,
+        attempts: int,
+    ) -> None: ...
+
+
 class Host(Protocol):
     """What a cell needs of the runtime that hosts it (``engine._runtime.Runtime``)."""
 
@@ -440,6 +458,8 @@ class Cell:
         self.dead_letter_name = name
         # A durable subscription partition's position tracker (None otherwise).
         self.track: Track | None = None
+        # Who answers for its untracked messages (a subscription: bare events).
+        self.owner: Owner | None = None
 
         self.queue: collections.deque[Any] = collections.deque()
         self.senders: collections.deque[anyio.Event] = collections.deque()
@@ -560,6 +580,8 @@ class Cell:
         message = item.message if ask is not None else item
         if isinstance(message, Tracked):
             message.dead_letter(self, reason, error, attempts)
+        elif self.owner is not None:
+            self.owner.dead_letter(self, message, reason, error, attempts)
         else:
             self.host.dead_letters.add(self.name, message, reason, error=error, attempts=attempts)
         if ask is not None:

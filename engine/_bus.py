@@ -25,6 +25,7 @@ from ._events import Event, decode
 from ._routing import (
     DeadLetterRecorder,
     Delivery,
+    PartitionRef,
     Router,
     Routes,
     Scope,
@@ -192,6 +193,10 @@ class EventBus:
             raise
         for cell, instance in started:
             cell.dead_letter_name = subscription.name
+            # It holds bare events, which the subscription answers for; only
+            # the engine queues into it.
+            cell.owner = subscription
+            cell.ref = PartitionRef(cell)
             subscription.cells.append(cell)
             runtime.start_task(cell.run, instance, name=f"subscriber {cell.name}")
         if self.tracking is not None:
@@ -199,24 +204,25 @@ class EventBus:
 
     # ------------------------------------------------------------- publishing
 
-    def dispatch(self, delivery: Delivery) -> None:
-        """Hand ``delivery`` (holding a slot) to the dispatcher's mailbox.
+    def send(self, event: Event) -> None:
+        """Hand an in-memory ``event`` (holding a slot) on.
 
-        With the dispatcher idle (nothing queued before it, nothing in hand), an
-        in-memory event is routed here and now when every mailbox it goes to has
-        room: the same order and the same slot, one task hop fewer.
+        With the dispatcher idle (nothing queued before it, nothing in hand) it
+        is routed here and now when every mailbox it goes to has room: the same
+        order and the same slot, one task hop fewer (``Router.route_now``).
+        Otherwise it goes to the dispatcher in a ``Delivery``.
         """
         dispatcher = self.dispatcher
         assert dispatcher is not None
-        if (
-            dispatcher.idle
-            and delivery.subscription is None
-            and delivery.seq is None
-            and delivery.entry is None
-            and self.router.route_now(delivery)
-        ):
+        if dispatcher.idle and self.router.route_now(event, self.routes):
             dispatcher.processed += 1  # routed on its behalf: its count stays "events routed"
             return
+        self.dispatch(Delivery(event, self.routes))
+
+    def dispatch(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` (holding a slot) to the dispatcher's mailbox."""
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
         controller = self.controller
         try:
             accepted = dispatcher.offer(delivery)
@@ -228,16 +234,16 @@ class EventBus:
             raise BackpressureError("the dispatcher mailbox is full")
 
     async def publish(self, event: Event, timeout: float | None) -> None:  # noqa: ASYNC109
-        """Take a slot (waiting while CRITICAL, up to ``timeout``) and dispatch ``event``."""
+        """Take a slot (waiting while CRITICAL, up to ``timeout``) and send ``event``."""
         controller = self.controller
         if not controller.try_acquire():
             await controller.acquire(timeout)
-        self.dispatch(Delivery(event, self.routes))
+        self.send(event)
 
     def try_publish(self, event: Event) -> None:
         if not self.controller.try_acquire():
             self.refuse_critical()
-        self.dispatch(Delivery(event, self.routes))
+        self.send(event)
 
     async def redeliver(self, letter: DeadLetter) -> None:
         """Replay ``letter``: an event to its subscription (or, the relay's, to every

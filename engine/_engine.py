@@ -138,7 +138,7 @@ class Engine(Spawner):
         handler = subscription.handler
         if subscription.is_function:
             return lambda: FunctionSubscriber(subscription, handler)
-        return lambda: ActorSubscriber(handler)
+        return lambda: ActorSubscriber(subscription, handler)
 
     # ---------------------------------------------------------- context manager
 

@@ -1,10 +1,21 @@
 """Routing: subscriptions, their partitions, the router, and one event's delivery.
 
-A ``Delivery`` carries one published event to every matching subscription and
-holds its backpressure slot until the last of them finished it or
-dead-lettered it. What a delivery needs of the rest of the engine (the router,
-the dispatcher's cell, the dead letters, the slot's release) comes through one
-``Routes`` object, shared by all deliveries of an engine.
+An event goes to a partition's mailbox in one of two forms:
+
+- **bare**: an in-memory event routed in the publisher's call to exactly one
+  mailbox is queued as itself. It holds one backpressure slot, which the
+  partition gives back once it finished the event or dead-lettered it (the
+  subscription answers for it: ``Subscription.finished`` and, as the cell's
+  ``Owner``, ``Subscription.dead_letter``). No object is made per event.
+- **in a ``Delivery``**: every other event (several mailboxes, an outbox or
+  stream position, a replay, one routed by the dispatcher actor). The delivery
+  holds the slot until the last subscription finished it or dead-lettered it.
+
+What a delivery needs of the rest of the engine (the router, the dispatcher's
+cell, the dead letters, the slot's release) comes through one ``Routes``
+object, shared by all deliveries of an engine. A partition's ref refuses
+messages from anyone but the engine (``PartitionRef``): everything in its
+mailbox is an event the engine counted.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ __all__ = [
     "DeadLetterRecorder",
     "Delivery",
     "OutboxRoutes",
+    "PartitionRef",
     "Router",
     "Routes",
     "Subscription",
@@ -359,6 +371,28 @@ class Subscription:
             reason: DeadLetterReason = "shutdown" if self.routes.closing() else "stopped"
             self.refuse(delivery, reason, exc, cell)
 
+    def finished(self, cell: Cell, item: Delivery | Event) -> None:
+        """The partition ``cell`` is finished with ``item``: a delivery, or a bare event."""
+        if type(item) is Delivery:
+            item.finish(cell)
+        else:
+            self.routes.release()
+
+    def dead_letter(
+        self,
+        cell: Cell,
+        message: Any,
+        reason: DeadLetterReason,
+        error: BaseException | None,
+        attempts: int,
+    ) -> None:
+        """A bare event its partition ``cell`` cannot deliver (as the cell's ``Owner``):
+        recorded under the subscription's name, then its slot goes back."""
+        routes = self.routes
+        routes.dead_letters.add(
+            self.name, message, reason, error=error, attempts=attempts, then=routes.release
+        )
+
     def refuse(
         self,
         delivery: Delivery,
@@ -426,6 +460,31 @@ class SubscriptionRef:
         return f"<SubscriptionRef {self.name!r} ({types}) x{len(self._subscription.cells)}>"
 
 
+class PartitionRef(ActorRef[Any]):
+    """A subscription partition's ref: it takes events from the engine only.
+
+    Its mailbox holds events the engine counted (each holds a backpressure
+    slot), so a message told from outside is refused: publish the event instead.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, message: object) -> TypeError:
+        return TypeError(
+            f"actor {self.name!r} is a subscription partition: it takes events through "
+            f"engine.publish, not a {type(message).__name__} told to it"
+        )
+
+    def try_tell(self, message: Any) -> None:
+        raise self._refuse(message)
+
+    async def tell(self, message: Any) -> None:
+        raise self._refuse(message)
+
+    async def ask(self, message: Any, *, timeout: float | None = 5.0) -> Any:  # noqa: ASYNC109
+        raise self._refuse(message)
+
+
 class Router:
     """Which subscriptions take which event type; cached per concrete type."""
 
@@ -451,30 +510,50 @@ class Router:
             self._routes[event_type] = routes
             return routes
 
-    def route_now(self, delivery: Delivery) -> bool:
-        """Route an in-memory ``delivery`` without waiting, as the dispatcher would.
+    def route_now(self, event: Event, routes: Routes) -> bool:
+        """Route an in-memory ``event`` (holding a slot) without waiting, as the dispatcher would.
 
         Only when every matching subscription's partition has room in its mailbox
         (and its key function answers): then each takes it now and this returns
-        True. Otherwise nothing is delivered and it returns False: the dispatcher
-        does it, waiting where it must.
+        True. Otherwise nothing is queued and it returns False: the dispatcher
+        does it, waiting where it must. An event bound for one mailbox goes
+        there bare; for several, in one ``Delivery``.
         """
-        event = delivery.event
-        cells: list[Cell] = []
-        for subscription in self.route(type(event)):
+        try:
+            subscriptions = self._routes[type(event)]
+        except KeyError:
+            subscriptions = self.route(type(event))
+        if len(subscriptions) == 1:
+            # The common case, inline: this is the cost of every publish.
+            subscription = subscriptions[0]
+            cells = subscription.cells
+            if len(cells) == 1:
+                cell = cells[0]
+            else:
+                try:
+                    cell = cells[subscription.index(event)]
+                except Exception:
+                    return False  # the dispatcher dead-letters it for that subscription
+            if not cell.has_room():
+                return False
+            cell.enqueue(event)
+            return True
+        if not subscriptions:
+            routes.release()
+            return True
+        picked: list[Cell] = []
+        for subscription in subscriptions:
             try:
                 cell = subscription.pick(event)
             except Exception:
-                return False  # the dispatcher dead-letters it for that subscription
+                return False
             if not cell.has_room():
                 return False
-            cells.append(cell)
+            picked.append(cell)
+        delivery = Delivery(event, routes)
         delivery.routed = True
-        if not cells:
-            delivery.done()
-            return True
-        delivery.remaining = len(cells)
-        for cell in cells:
+        delivery.remaining = len(picked)
+        for cell in picked:
             cell.enqueue(delivery)
         return True
 
