@@ -81,6 +81,7 @@ class FunctionSubscriber(Actor):
     def __init__(self, subscription: Subscription, handler: EventHandler) -> None:
         self.subscription = subscription
         self.handler = handler
+        self.finished = subscription.finished
 
     async def receive(self, message: Delivery | Event) -> None:
         event = message.event if type(message) is Delivery else message
@@ -95,7 +96,7 @@ class FunctionSubscriber(Actor):
             return
         cell = self._actorbus_cell
         assert cell is not None
-        self.subscription.finished(cell, message)
+        self.finished(cell, message)
 
     async def _retry(self, message: Delivery | Event, event: Any, error: Exception) -> None:
         sub = self.subscription

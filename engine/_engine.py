@@ -345,7 +345,9 @@ class Engine(Spawner):
         Raises ``BackpressureError`` while the engine is CRITICAL.
         """
         self._check_event(event)
-        self._runtime.check_publishing()
+        runtime = self._runtime
+        if not runtime.accepting:
+            runtime.check_publishing()
         outbox = self._outbox
         if outbox is not None:
             outbox.try_publish(event)
