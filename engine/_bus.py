@@ -101,6 +101,10 @@ class EventBus:
         for subscription in pending:
             self._start(subscription)
 
+    def registered(self, name: str) -> bool:
+        """A subscription (or projection) called ``name`` is registered here."""
+        return name in self.router.subscriptions
+
     def check_new(self, name: str) -> None:
         """A new subscription may take ``name``."""
         if self.runtime.closing:
@@ -271,6 +275,11 @@ class EventBus:
         if cell is None:
             raise ActorStopped(f"cannot replay dead letter {letter.id}: no actor {letter.actor!r}")
         await cell.ref.tell(letter.message)
+
+    def unsettled(self) -> str | None:
+        """What keeps the bus from idle (``engine.idle``): events in flight, or None."""
+        depth = self.controller.depth
+        return f"{depth} events in flight" if depth else None
 
     def refuse_critical(self) -> NoReturn:
         controller = self.controller

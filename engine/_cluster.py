@@ -543,6 +543,11 @@ class ClusterLink:
     def forwarding_lag(self) -> int:
         return max(0, self.outbox.head - self.forwarded)
 
+    def unsettled(self) -> str | None:
+        """What keeps this node from idle (``engine.idle``): events not yet forwarded."""
+        lag = self.forwarding_lag
+        return f"{lag} events committed here and not yet forwarded to Redis" if lag else None
+
     # --------------------------------------------------------------- subscriptions
 
     def track(self, subscription: Subscription) -> None:

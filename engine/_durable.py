@@ -45,6 +45,7 @@ from ._store import (
     StorageMetrics,
     Store,
     Transaction,
+    forget_positions,
     last_seq,
     prune_outbox,
     read_outbox,
@@ -345,6 +346,14 @@ class Outbox:
     def head(self) -> int:
         """The last committed outbox seq."""
         return self.state.head
+
+    async def forget(self, name: str) -> int:
+        """Drop the stored positions of ``name``, a subscription this engine does not
+        run; returns how many partition positions it had (``KeyError`` for none)."""
+        forgotten: int = await self.store.call(lambda tx: forget_positions(tx.conn, name))
+        if not forgotten:
+            raise KeyError(f"no subscription or projection named {name!r} is tracked")
+        return forgotten
 
     def lag(self) -> dict[str, int]:
         head = self.state.head

@@ -24,7 +24,7 @@ from actors._dispatcher import ActorSubscriber, Dispatcher, FunctionSubscriber
 from actors._relay import ProjectionSubscriber, Relay
 from actors._resolver import ResolverActor
 
-from ._actor import Actor, ActorRef
+from ._actor import Actor, ActorRef, current_cell
 from ._backpressure import BackpressureConfig
 from ._breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
@@ -40,7 +40,7 @@ from ._routing import (
     Subscription,
     SubscriptionRef,
 )
-from ._runtime import Runtime
+from ._runtime import RESERVED_PREFIX, Runtime, wait_settled
 from ._store import Transaction, check_path, check_transact_function
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
 from ._types import Overflow, check_int, check_timeout
@@ -244,6 +244,52 @@ class Engine(Spawner):
         return snapshot(
             self._runtime, self._bus, self.dead_letters, self._breakers, self._outbox, self._link
         )
+
+    async def forget(self, name: str) -> int:
+        """Drop the stored positions of a retired durable subscription or projection.
+
+        It stops holding back ``prune``; were it registered again, it would start
+        over from the oldest retained event (as ``python -m engine forget`` does).
+        Returns how many partition positions it had. ``KeyError`` when nothing is
+        stored under ``name``; ``ValueError`` while a subscription of that name is
+        registered here (``await ref.close()`` it first) and for the engine's own names.
+        """
+        check_name(name)
+        if name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"names starting with {RESERVED_PREFIX!r} are the engine's own")
+        if self._bus.registered(name):
+            raise ValueError(
+                f"subscription {name!r} is registered in this engine: close it before forgetting it"
+            )
+        return await self._require_outbox("forget").forget(name)
+
+    async def idle(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Return once nothing is in flight; ``TimeoutError`` after ``timeout`` seconds.
+
+        Idle means: every actor waits for messages with an empty mailbox (no
+        handler runs, no retry waits, no catch-up reads), no event holds a
+        backpressure slot, and with a database nothing waits for a commit, the
+        relay dispatched every committed event and every durable subscription
+        and projection is at the outbox head; in a cluster, every event
+        committed here is in Redis (events other nodes have not sent yet are
+        not waited for). A test can publish, ``await engine.idle()``, then
+        assert. Called from inside an actor it would wait for itself: refused.
+        """
+        check_timeout(timeout, "timeout")
+        runtime = self._runtime
+        if not runtime.running:
+            runtime.refuse()
+        if current_cell.get() is not None:
+            raise EngineError(
+                "engine.idle() waits for every actor to finish: called from an actor's own "
+                "handler it would wait for itself"
+            )
+        # The runtime's busy count is the shutdown drain's: it covers the actors, the
+        # writes waiting for a commit, the relay and the catch-up readers.
+        parts: list[Callable[[], str | None]] = [runtime.unsettled, self._bus.unsettled]
+        if self._link is not None:
+            parts.append(self._link.unsettled)
+        await wait_settled(runtime, parts, timeout)
 
     # ------------------------------------------------------------- events
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, NoReturn
 
 import anyio
@@ -22,7 +23,7 @@ from ._errors import EngineError
 from ._supervision import ChildSpec, Supervisor
 from ._types import ActorStatistics, Backoff, Overflow, Restart, Strategy
 
-__all__ = ["RESERVED_PREFIX", "Phase", "Runtime"]
+__all__ = ["RESERVED_PREFIX", "Phase", "Runtime", "wait_settled"]
 
 logger = logging.getLogger("actorbus.engine")
 
@@ -89,6 +90,8 @@ class Runtime:
         self._drained: anyio.Event | None = None
         # Cells not waiting idle for messages, and other work in flight: the drain ends at 0.
         self._busy = 0
+        # Set (and dropped) each time the busy count falls to 0: ``engine.idle`` waits on it.
+        self._quiet: anyio.Event | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -307,12 +310,60 @@ class Runtime:
 
     def idle(self) -> None:
         self._busy -= 1
-        if self.phase is Phase.DRAINING and not self._busy:
-            assert self._drained is not None
-            self._drained.set()
+        if not self._busy:
+            if self.phase is Phase.DRAINING:
+                assert self._drained is not None
+                self._drained.set()
+            quiet = self._quiet
+            if quiet is not None:
+                self._quiet = None
+                quiet.set()
+
+    def unsettled(self) -> str | None:
+        """What keeps the runtime from idle (``engine.idle``), or None."""
+        if self._busy:
+            return f"{self._busy} actors, writes or readers at work"
+        return None
+
+    async def quieter(self, within: float) -> None:
+        """Return when the busy count next falls to 0, or after ``within`` seconds."""
+        quiet = self._quiet
+        if quiet is None:
+            quiet = self._quiet = anyio.Event()
+        with anyio.move_on_after(within):
+            await quiet.wait()
 
     def in_flight(self) -> int:
         return sum(t.in_flight() for t in self.names.values() if isinstance(t, Cell))
 
     def statistics(self) -> dict[str, ActorStatistics]:
         return {name: t.statistics() for name, t in self.names.items() if isinstance(t, Cell)}
+
+
+# How long ``wait_settled`` waits for the busy count to fall to 0 before it looks
+# again anyway (a slot given back after a dead letter commits moves no actor):
+# doubling from the first to the last.
+_RECHECK_FIRST = 0.001
+_RECHECK_LAST = 0.05
+
+
+async def wait_settled(
+    runtime: Runtime,
+    parts: Sequence[Callable[[], str | None]],
+    timeout: float | None,  # noqa: ASYNC109
+) -> None:
+    """Return once every part answers None (settled); ``TimeoutError`` naming
+    what is still in flight after ``timeout`` seconds (``engine.idle``)."""
+    deadline = math.inf if timeout is None else anyio.current_time() + timeout
+    recheck = _RECHECK_FIRST
+    while True:
+        unsettled = [found for part in parts if (found := part()) is not None]
+        if not unsettled:
+            return
+        left = deadline - anyio.current_time()
+        if left <= 0:
+            raise TimeoutError(
+                f"the engine was not idle within {timeout} s: " + "; ".join(unsettled)
+            )
+        await runtime.quieter(min(recheck, left))
+        recheck = min(recheck * 2, _RECHECK_LAST)

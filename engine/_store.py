@@ -1336,6 +1336,13 @@ def prune_outbox(conn: sqlite3.Connection, cutoff: float) -> int:
     return int(cursor.rowcount)
 
 
+def forget_positions(conn: sqlite3.Connection, name: str) -> int:
+    """Delete the stored positions of subscription (or projection) ``name``; returns
+    how many partition positions there were. Runs inside the caller's transaction."""
+    cursor = conn.execute("DELETE FROM tracking WHERE subscriber = ?", (name,))
+    return int(cursor.rowcount)
+
+
 class SubscriberStatus(msgspec.Struct, frozen=True, kw_only=True):
     """One tracked subscription or projection, as stored."""
 

@@ -1320,3 +1320,25 @@ async def test_a_paused_node_does_not_acknowledge(
             await until(lambda: log == [("q", 0), ("q", 1)], "q handles the rest")
             await until(lambda: pending(redis_server, JOBS, 0) == 0, "q acknowledges")
     assert [line[1] for line in p.records("handled")] == [str(first.id)]
+
+
+# ---------------------------------------------------------------- engine.idle
+
+
+async def test_idle_waits_until_what_committed_here_is_in_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+        await commit(engine, *(Job(key=f"k{n}", n=n) for n in range(5)))
+        await bounded(engine.idle())
+        assert cluster_metrics(engine).forwarding_lag == 0
+        await anyio.to_thread.run_sync(redis_server.stop)
+        await until(lambda: not cluster_metrics(engine).connected, "a sees Redis gone")
+        await commit(engine, Job(key="k-late", n=5))
+        with pytest.raises(TimeoutError, match="1 events committed here and not yet forwarded"):
+            await engine.idle(timeout=0.3)
+        await anyio.to_thread.run_sync(redis_server.start)
+        await bounded(engine.idle())
+        assert cluster_metrics(engine).forwarding_lag == 0
