@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import EngineError
+from ._extras import needs_redis
 
 __all__ = [
     "CacheBackend",
@@ -241,7 +242,8 @@ class _Breaker(Protocol):
 
 def is_redis_outage(error: BaseException) -> bool:
     """Whether ``error`` means "Redis cannot serve this call" (vs. a bug)."""
-    from coredis.exceptions import RedisError
+    with needs_redis("Redis"):
+        from coredis.exceptions import RedisError
 
     kinds = (
         RedisError,  # every coredis error: connection, protocol, server replies
@@ -346,6 +348,9 @@ class RedisCache:
     ``statistics()`` counts hits, misses and errors; ``entries`` and
     ``evictions`` are ``-1`` (unknown: Redis expires and evicts on its own and
     other clients share the keyspace).
+
+    Needs coredis (``pip install 'actorbus[redis]'``): without it, constructing one
+    raises ``ImportError`` naming that extra.
     """
 
     def __init__(
@@ -358,9 +363,10 @@ class RedisCache:
         connect_timeout: float = 1.0,
         timeout: float = 1.0,
     ) -> None:
-        import coredis
-        from coredis.exceptions import ConnectionError as RedisConnectionError
-        from coredis.retry import ConstantRetryPolicy
+        with needs_redis("RedisCache"):
+            import coredis
+            from coredis.exceptions import ConnectionError as RedisConnectionError
+            from coredis.retry import ConstantRetryPolicy
 
         check_url(url)
         if not isinstance(prefix, str):

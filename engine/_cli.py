@@ -52,6 +52,7 @@ import msgspec
 
 from ._cache import check_url, closing_connection_class, is_redis_outage, redact
 from ._deadletters import DeadLetter, read_rows
+from ._extras import MissingExtra, needs_redis
 from ._store import SCHEMA_VERSION, connect, parse_age, prune_outbox, read_status
 from .cluster import MAX_PARTITIONS, RedisStreams
 
@@ -413,8 +414,9 @@ async def _read_cluster(config: RedisStreams, seconds: float) -> ClusterStatus:
 
 async def _read_redis(config: RedisStreams, seconds: float) -> ClusterStatus:
     """What ``cluster status`` shows, in three round trips (pipelines)."""
-    import coredis
-    from coredis.retry import NoRetryPolicy
+    with needs_redis("python -m engine cluster status"):
+        import coredis
+        from coredis.retry import NoRetryPolicy
 
     # The keys the engines write (engine/_cluster.py).
     ns = config.namespace
@@ -542,7 +544,7 @@ def _cluster_status(args: argparse.Namespace, config: RedisStreams) -> None:
     except TimeoutError:
         raise CliError(f"Redis at {url} did not answer within {args.timeout:g} s") from None
     except Exception as exc:
-        if isinstance(exc, CliError) or not is_redis_outage(exc):
+        if isinstance(exc, CliError | MissingExtra) or not is_redis_outage(exc):
             raise
         raise CliError(f"Redis at {url}: {type(exc).__name__}: {exc}") from None
     if args.json:
@@ -738,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             _cluster(args, parsers.cluster_status)
         else:
             _prune(args)
-    except CliError as exc:
+    except (CliError, MissingExtra) as exc:
         print(f"error: {_safe(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:

@@ -43,6 +43,7 @@ from ._deadletters import DeadLetter, DeadLetters
 from ._durable import Outbox, run_projector
 from ._errors import EngineError
 from ._events import Event, EventDecodeError, decode
+from ._extras import MissingExtra, needs_redis
 from ._routing import Delivery, Routes, Subscription, stable_hash
 from ._runtime import Runtime
 from ._store import OutboxRow, Request, Transaction, read_outbox
@@ -67,6 +68,8 @@ PENDING_LOOK: Final = 1.0
 HAND_OVER_WAIT: Final = 3
 # How often the forwarder writes its position while it works through a backlog.
 SAVE_EVERY: Final = 1.0
+# What the error names when coredis is missing (``pip install 'actorbus[redis]'``).
+FEATURE: Final = "cluster mode (cluster=RedisStreams(...))"
 
 # Moves the producer's high-water mark and XADDs the events above it, atomically.
 # KEYS: the marks hash, then the streams of this batch. ARGV: producer, the seq
@@ -126,7 +129,8 @@ return -1
 
 def ANSWERS() -> tuple[type[Exception], ...]:
     """Errors that are Redis' answers, not outages: the breaker ignores them."""
-    from coredis.exceptions import ResponseError, StreamConsumerError
+    with needs_redis(FEATURE):
+        from coredis.exceptions import ResponseError, StreamConsumerError
 
     return (ResponseError, StreamConsumerError)
 
@@ -134,7 +138,13 @@ def ANSWERS() -> tuple[type[Exception], ...]:
 def breaker_config() -> CircuitBreakerConfig:
     """The link's breaker: opens after 3 outages in a row, probes every second (so
     forwarding resumes soon after Redis answers again); Redis' answers do not count."""
-    return CircuitBreakerConfig(failure_threshold=3, timeout=1.0, ignore=ANSWERS())
+    try:
+        answers = ANSWERS()
+    except MissingExtra:
+        # The engine is built before it starts; without coredis ``connect`` refuses to
+        # start the link, so no call ever goes through this breaker.
+        answers = ()
+    return CircuitBreakerConfig(failure_threshold=3, timeout=1.0, ignore=answers)
 
 
 class Unavailable(EngineError):
@@ -309,9 +319,10 @@ class ClusterLink:
         runtime.start_task(self._run, name="actorbus cluster")
 
     async def _run_client(self, *, task_status: TaskStatus[None]) -> None:
-        import coredis
-        from coredis.exceptions import ConnectionError as RedisConnectionError
-        from coredis.retry import ConstantRetryPolicy
+        with needs_redis(FEATURE):
+            import coredis
+            from coredis.exceptions import ConnectionError as RedisConnectionError
+            from coredis.retry import ConstantRetryPolicy
 
         client = coredis.Redis.from_url(
             self.config.url,
@@ -393,7 +404,8 @@ class ClusterLink:
 
     async def _join(self) -> None:
         config = self.config
-        import coredis
+        with needs_redis(FEATURE):
+            import coredis
 
         await self._redis("set", self._meta, config.partitions, condition=coredis.PureToken.NX)
         stored = await self._redis("get", self._meta)
@@ -642,7 +654,8 @@ class ClusterLink:
             return
         if len(leases) >= share:
             return
-        import coredis
+        with needs_redis(FEATURE):
+            import coredis
 
         offset = stable_hash(config.node) % config.partitions
         before = len(leases)
@@ -728,7 +741,8 @@ class ClusterLink:
     async def _consume(self, subscription: Subscription, lease: _Lease) -> None:
         """Handle one leased partition of a cluster-scope subscription: its pending
         entries first, then new ones; each acknowledged only while the lease holds."""
-        from coredis.exceptions import StreamConsumerGroupError
+        with needs_redis(FEATURE):
+            from coredis.exceptions import StreamConsumerGroupError
 
         config = self.config
         runtime = self.runtime
@@ -826,7 +840,8 @@ class ClusterLink:
         return True
 
     async def _ensure_group(self, stream: str, group: str) -> None:
-        from coredis.exceptions import StreamDuplicateConsumerGroupError
+        with needs_redis(FEATURE):
+            from coredis.exceptions import StreamDuplicateConsumerGroupError
 
         with contextlib.suppress(StreamDuplicateConsumerGroupError):  # made by another node
             await self._redis("xgroup_create", stream, group, identifier="0", mkstream=True)
@@ -970,7 +985,8 @@ class ClusterLink:
 
     async def _observe(self, *, leader: bool, now_ms: int) -> None:
         """Lag per cluster-scope subscription and partition; the leader trims."""
-        import coredis
+        with needs_redis(FEATURE):
+            import coredis
 
         config = self.config
         lag: dict[str, dict[int, int]] = {name: {} for name in self._cluster_subscriptions}

@@ -1,0 +1,42 @@
+"""Optional dependencies: what a feature needs beyond ``pip install actorbus``.
+
+The core (in-memory and durable engines, the CLI's database commands) needs anyio,
+trio, msgspec and sqlite-utils only. Every Redis feature (``RedisCache``, cluster
+mode, ``python -m engine cluster status``) imports coredis where it is first used,
+inside ``with needs_redis(feature):``, so that importing ``engine``, ``engine.cache``
+or ``engine.cluster`` works without it and using the feature says which extra to
+install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+__all__ = ["MissingExtra", "needs_extra", "needs_redis"]
+
+
+class MissingExtra(ImportError):
+    """A feature was used whose optional dependency is not installed.
+
+    The message names the feature, the distribution and the extra that installs
+    it; the original ``ImportError`` is chained as ``__cause__``.
+    """
+
+
+@contextmanager
+def needs_extra(feature: str, distribution: str, extra: str) -> Iterator[None]:
+    """Turn an ``ImportError`` in the block into ``MissingExtra`` naming ``extra``."""
+    try:
+        yield
+    except ImportError as exc:
+        if isinstance(exc, MissingExtra):
+            raise
+        raise MissingExtra(
+            f"{feature} needs {distribution}: pip install 'actorbus[{extra}]'"
+        ) from exc
+
+
+def needs_redis(feature: str) -> AbstractContextManager[None]:
+    """``with needs_redis("RedisCache"): import coredis``: coredis comes with ``redis``."""
+    return needs_extra(feature, "coredis", "redis")
