@@ -31,6 +31,7 @@ from ._events import Event as Event
 from ._events import EventDecodeError as EventDecodeError
 from ._events import EventValidationError as EventValidationError
 from ._events import ValidationErrorKind as ValidationErrorKind
+from ._health import Health as Health
 from ._metrics import EngineMetrics as EngineMetrics
 from ._resolver import ResolverStatistics as ResolverStatistics
 from ._resolver import TenantResolver as TenantResolver
@@ -77,6 +78,7 @@ __all__ = [
     "Event",
     "EventDecodeError",
     "EventValidationError",
+    "Health",
     "MailboxFull",
     "Overflow",
     "Restart",

@@ -33,6 +33,7 @@ from ._deadletters import DeadLetter, DeadLetters
 from ._durable import Outbox, age_seconds
 from ._errors import EngineError
 from ._events import Event
+from ._health import Health, check_health
 from ._metrics import EngineMetrics, snapshot
 from ._resolver import TENANT_RESOLVER, TenantResolver, start_tenant_resolver
 from ._routing import (
@@ -244,6 +245,10 @@ class Engine(Spawner):
         return snapshot(
             self._runtime, self._bus, self.dead_letters, self._breakers, self._outbox, self._link
         )
+
+    def health(self) -> Health:
+        """``ok``, ``degraded`` or ``failing``, a reason per finding (``asgi.health_app``)."""
+        return check_health(self._runtime, self.metrics, self.backpressure, self.cluster)
 
     async def forget(self, name: str) -> int:
         """Drop the stored positions of a retired durable subscription or projection.

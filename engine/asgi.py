@@ -1,7 +1,8 @@
-"""ASGI middleware that resolves the tenant of every request (shared/CATALOG.md,
-"Tenant resolution over HTTP").
+"""ASGI for web applications: ``TenantMiddleware``, which resolves the tenant of every
+request (shared/CATALOG.md, "Tenant resolution over HTTP"), and ``health_app(engine)``,
+the ``/livez`` and ``/readyz`` probes (see ``health_app``).
 
-The identifier comes from the ``X-Tenant-ID`` header (a uuid), else ``X-Tenant-Slug``,
+The middleware's identifier comes from the ``X-Tenant-ID`` header (a uuid), else ``X-Tenant-Slug``,
 else the ``Host`` header without its port. ``X-Forwarded-Host`` and ``Forwarded: host=``
 count only with ``trust_forwarded=True`` (behind a proxy you control, which sets them).
 The middleware identifies the tenant; it does not authorise anyone: a client can name
@@ -35,6 +36,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final, Protocol, TypeAlias, TypedDict
 
+from ._health import Health
 from ._types import check_timeout
 from .tenancy import (
     TenantIdentifierValidator,
@@ -47,12 +49,14 @@ from .tenancy import (
 
 __all__ = [
     "ASGIApp",
+    "HealthSource",
     "Message",
     "Receive",
     "Resolver",
     "Scope",
     "Send",
     "TenantMiddleware",
+    "health_app",
 ]
 
 logger = logging.getLogger("actorbus.asgi")
@@ -415,3 +419,141 @@ class TenantMiddleware:
             return
         code = _CLOSE_TRY_AGAIN_LATER if status == 503 else _CLOSE_POLICY_VIOLATION
         await send({"type": "websocket.close", "code": code, "reason": refusal.error})
+
+
+# ------------------------------------------------------------------ health probes
+
+
+class HealthSource(Protocol):
+    """What ``health_app`` needs of an engine (an ``Engine`` is one)."""
+
+    def health(self) -> Health: ...
+
+
+class _ProbeBody(TypedDict):
+    status: str
+    reasons: list[str]
+
+
+_LIVEZ: Final = "/livez"
+_READYZ: Final = "/readyz"
+_ALLOWED: Final = (b"allow", b"GET, HEAD")
+# A probe's answer stays short whatever the engine has to say.
+_MAX_REASONS: Final = 20
+
+
+def health_app(engine: HealthSource) -> ASGIApp:
+    """An ASGI app for orchestrators' probes, answering from ``engine.health()``.
+
+    ``GET /livez``: 200 while the engine is ok or degraded, 503 while it is failing.
+    ``GET /readyz``: 200 while it is ready (``Health.ready``: not failing and not
+    CRITICAL), else 503. Both answer ``{"status": ..., "reasons": [...]}`` (at most
+    20 reasons) with ``Cache-Control: no-store``; ``HEAD`` answers as ``GET`` without a
+    body. Other paths are a 404, other methods a 405 with ``Allow: GET, HEAD``, both
+    with ``{"error": ..., "detail": ...}``; the query string is ignored. Mounted under
+    a prefix, the paths count after ``root_path``. Lifespan events are answered;
+    a websocket is closed before it is accepted. Nothing waits or does I/O: the answer
+    is read off the engine's memory, in the engine's event loop.
+    """
+    if not callable(getattr(engine, "health", None)):
+        raise TypeError(
+            f"engine must be an Engine (anything with a health() method), "
+            f"got {type(engine).__name__}"
+        )
+    return _HealthApp(engine)
+
+
+class _HealthApp:
+    def __init__(self, engine: HealthSource) -> None:
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind == "websocket":
+            if (await receive()).get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": _CLOSE_POLICY_VIOLATION})
+            return
+        if kind != "http":
+            # The ASGI way to say "not a protocol this app speaks".
+            raise ValueError(f"health_app serves http and lifespan scopes, got {kind!r}")
+        method = scope.get("method")
+        head = method == "HEAD"
+        path = _route(scope)
+        if path != _LIVEZ and path != _READYZ:
+            detail = f"the health app answers {_LIVEZ} and {_READYZ}"
+            await _answer(send, 404, {"error": "not_found", "detail": detail}, head=head)
+            return
+        if method != "GET" and not head:
+            detail = "the health probes answer GET and HEAD"
+            await _answer(
+                send,
+                405,
+                {"error": "method_not_allowed", "detail": detail},
+                head=False,
+                headers=[_ALLOWED],
+            )
+            return
+        try:
+            health = self.engine.health()
+            status, reasons = health.status, list(health.reasons)
+            up = health.live if path == _LIVEZ else health.ready
+        except Exception as exc:  # a probe gets an answer, never a 500
+            logger.exception("engine.health() raised")
+            status, up = "failing", False
+            reasons = [f"health: the check raised {type(exc).__name__}"]
+        if len(reasons) > _MAX_REASONS:
+            more = len(reasons) - _MAX_REASONS + 1
+            reasons = [*reasons[: _MAX_REASONS - 1], f"... and {more} more"]
+        body: _ProbeBody = {"status": status, "reasons": [r[:_MAX_DETAIL] for r in reasons]}
+        await _answer(send, 200 if up else 503, body, head=head)
+
+
+def _route(scope: Scope) -> str | None:
+    """The request's path after ``root_path`` (servers and routers differ on whether
+    ``path`` includes it); None when the scope has no usable path."""
+    path = scope.get("path")
+    if not isinstance(path, str):
+        return None
+    root = scope.get("root_path")
+    if isinstance(root, str) and root and path.startswith(root) and path[len(root) :][:1] == "/":
+        return path[len(root) :]
+    return path
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        kind = message.get("type")
+        if kind == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif kind == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _answer(
+    send: Send,
+    status: int,
+    fields: _ProbeBody | _ErrorBody,
+    *,
+    head: bool,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    # ensure_ascii: names and errors in reasons go out as plain ASCII escapes.
+    body = json.dumps(fields, ensure_ascii=True).encode("ascii")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+                (b"cache-control", b"no-store"),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if head else body})

@@ -123,6 +123,7 @@ def test_the_documented_runtime_names_are_exported() -> None:
         "Engine",
         "EngineError",
         "EngineMetrics",
+        "Health",
         "MailboxFull",
         "Overflow",
         "Restart",
