@@ -8,6 +8,11 @@ from typing import Any
 
 import pytest
 
+# ``engine.testing``: the project's own pytest plugin (its entry point is disabled in
+# pyproject.toml's addopts, so that it is imported after coverage starts); ``pytester``
+# runs it in a user's test suite.
+pytest_plugins = ["engine.testing", "pytester"]
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> Any:

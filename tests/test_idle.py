@@ -38,20 +38,20 @@ def _slow_counter(seen: list[int], steps: int = 3) -> Any:
 # ---------------------------------------------------------------- in memory
 
 
-async def test_idle_returns_once_every_published_event_was_handled() -> None:
+async def test_idle_returns_once_every_published_event_was_handled(
+    actorbus_engine: Engine,
+) -> None:
     seen: list[int] = []
     other: list[int] = []
-    async with Engine() as engine:
-        engine.subscribe(
-            Job, handler=_slow_counter(seen), name="a", partitions=3, key=lambda e: e.n
-        )
-        engine.subscribe(Job, handler=_slow_counter(other, 7), name="b")
-        for n in range(200):
-            await engine.publish(Job(n=n))
-        await engine.idle()
-        assert sorted(seen) == list(range(200))
-        assert other == list(range(200))
-        assert engine.metrics().backpressure.depth == 0
+    engine = actorbus_engine  # the project's own pytest plugin (engine.testing)
+    engine.subscribe(Job, handler=_slow_counter(seen), name="a", partitions=3, key=lambda e: e.n)
+    engine.subscribe(Job, handler=_slow_counter(other, 7), name="b")
+    for n in range(200):
+        await engine.publish(Job(n=n))
+    await engine.idle()
+    assert sorted(seen) == list(range(200))
+    assert other == list(range(200))
+    assert engine.metrics().backpressure.depth == 0
 
 
 async def test_idle_waits_for_retries_and_the_dead_letter() -> None:
@@ -71,12 +71,11 @@ async def test_idle_waits_for_retries_and_the_dead_letter() -> None:
         assert engine.metrics().backpressure.depth == 0
 
 
-async def test_idle_returns_at_once_when_nothing_was_published() -> None:
-    async with Engine() as engine:
-        engine.subscribe(Job, handler=_slow_counter([]), name="quiet")
-        with anyio.fail_after(5):
-            await engine.idle()
-        await engine.idle(timeout=0)
+async def test_idle_returns_at_once_when_nothing_was_published(actorbus_engine: Engine) -> None:
+    actorbus_engine.subscribe(Job, handler=_slow_counter([]), name="quiet")
+    with anyio.fail_after(5):
+        await actorbus_engine.idle()
+    await actorbus_engine.idle(timeout=0)
 
 
 async def test_idle_with_a_timeout_names_what_is_still_in_flight() -> None:
@@ -114,10 +113,9 @@ async def test_idle_from_inside_a_handler_is_refused() -> None:
 
 
 @pytest.mark.parametrize("bad", [-1, math.nan, -math.inf, "1", True])
-async def test_idle_refuses_a_bad_timeout(bad: Any) -> None:
-    async with Engine() as engine:
-        with pytest.raises((TypeError, ValueError), match="timeout"):
-            await engine.idle(timeout=bad)
+async def test_idle_refuses_a_bad_timeout(actorbus_engine: Engine, bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        await actorbus_engine.idle(timeout=bad)
 
 
 async def test_idle_outside_the_engine_is_refused() -> None:
@@ -222,7 +220,6 @@ async def test_forget_refuses_a_registered_subscription_and_bad_names(tmp_path: 
         assert conn.execute("SELECT count(*) FROM tracking").fetchone() == (2,)
 
 
-async def test_forget_needs_a_database() -> None:
-    async with Engine() as engine:
-        with pytest.raises(EngineError, match="forget needs a database"):
-            await engine.forget("anything")
+async def test_forget_needs_a_database(actorbus_engine: Engine) -> None:
+    with pytest.raises(EngineError, match="forget needs a database"):
+        await actorbus_engine.forget("anything")
