@@ -476,6 +476,8 @@ class Cell:
         # Waiting for messages with an empty mailbox: the engine's drain ends
         # when no cell is busy.
         self.idle = False
+        # Set when the loop next waits with an empty mailbox (``drained``).
+        self.emptied: anyio.Event | None = None
         host.busy()
         self.instance: Actor | None = None
         self.current: Any = None
@@ -593,6 +595,13 @@ class Cell:
                 )
             else:
                 ask.set_error(ActorStopped(f"actor {self.name!r} stopped ({reason})"))
+
+    async def drained(self) -> None:
+        """Return once the mailbox is empty and no message is in hand (or it stopped)."""
+        while not self.closed and not (self.idle and not self.queue):
+            if self.emptied is None:
+                self.emptied = self.new_event()
+            await self.emptied.wait()
 
     def in_flight(self) -> int:
         return len(self.queue) + (self.current is not None) + (self.retry is not None)
@@ -735,6 +744,9 @@ class Cell:
                     batch = 0
                     self.idle = True
                     host.idle()
+                    if self.emptied is not None:
+                        self.emptied.set()
+                        self.emptied = None
                     wakeup = self.wakeup = self.new_event()
                     await wakeup.wait()
                     continue
@@ -851,6 +863,8 @@ class Cell:
         self.paused.set()
         self.started.set()
         self.done.set()
+        if self.emptied is not None:
+            self.emptied.set()
 
     # ------------------------------------------------- supervisor's controls
 

@@ -9,10 +9,13 @@ follow a durable subscription's positions and to start its catch-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
-from ._actor import Actor, Cell
+import anyio
+
+from ._actor import Actor, Cell, current_cell
 from ._backpressure import (
     BackpressureConfig,
     BackpressureController,
@@ -33,8 +36,8 @@ from ._routing import (
     SubscriptionRef,
 )
 from ._runtime import RESERVED_PREFIX, Runtime
-from ._supervision import ChildSpec
-from ._types import Backoff, Overflow, Restart, Strategy
+from ._supervision import ChildSpec, Supervisor
+from ._types import Backoff, DeadLetterReason, Overflow, Restart, Strategy
 
 __all__ = ["DISPATCHER", "RELAY", "EventBus", "Tracking"]
 
@@ -56,6 +59,12 @@ class Tracking(Protocol):
     ) -> None:
         """Apply a dead-lettered event to its projection again."""
 
+    async def halt(self, subscription: Subscription) -> None:
+        """It is closing: end its catch-up (``EngineError`` where closing is not supported)."""
+
+    async def retire(self, subscription: Subscription) -> None:
+        """Its actors stopped: store the positions it reached and stop following it."""
+
 
 class EventBus:
     """Publishing, dispatching and the lifecycle of subscriptions."""
@@ -76,6 +85,8 @@ class EventBus:
         self.free_routes = self.routes.without_slot()
         self._subscriber = subscriber
         self._pending: list[Subscription] = []
+        # Each started subscription's supervisor (of its partition actors), by name.
+        self._supervisors: dict[str, Supervisor] = {}
         self.dispatcher: Cell | None = None
         self.tracking: Tracking | None = None
         # With a cluster: its partition count (a cluster-scope subscription has one
@@ -161,7 +172,41 @@ class EventBus:
             runtime.reserve(names, f"subscription {subscription.name!r}")
             self._pending.append(subscription)
         self.router.add(subscription)
+        subscription.registry = self
         return subscription.ref
+
+    async def close(self, subscription: Subscription, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Unsubscribe (``SubscriptionRef.close``): no more events; its partitions
+        drain (up to ``timeout``), then stop; a durable one's positions are stored."""
+        if subscription.closed:
+            return
+        runtime = self.runtime
+        if current_cell.get() in subscription.cells:
+            raise EngineError(
+                f"subscription {subscription.name!r} cannot close itself from its own handler "
+                "(it would wait for itself): close it from outside"
+            )
+        tracking = self.tracking
+        if subscription in self._pending:  # the engine has not started it
+            self._pending.remove(subscription)
+            runtime.release(subscription.names())
+        elif runtime.closing or not runtime.running:
+            runtime.refuse()
+        elif tracking is not None:
+            await tracking.halt(subscription)
+        subscription.closed = True
+        subscription.live = False
+        self.router.remove(subscription)
+        supervisor = self._supervisors.pop(subscription.name, None)
+        if supervisor is not None:
+            with anyio.move_on_after(math.inf if timeout is None else timeout) as waited:
+                for cell in subscription.cells:
+                    await cell.drained()
+            # A durable event cut short stays in the outbox ("shutdown"): it comes again.
+            reason: DeadLetterReason = "shutdown" if tracking is not None else "stopped"
+            await supervisor.terminate(reason, cancel_current=waited.cancelled_caught)
+        if tracking is not None:
+            await tracking.retire(subscription)
 
     def _start(self, subscription: Subscription) -> None:
         runtime = self.runtime
@@ -195,6 +240,7 @@ class EventBus:
                 cell.finalise()
             supervisor.close()
             raise
+        self._supervisors[subscription.name] = supervisor
         for cell, instance in started:
             cell.dead_letter_name = subscription.name
             # It holds bare events, which the subscription answers for; only

@@ -565,6 +565,16 @@ class ClusterLink:
     def track(self, subscription: Subscription) -> None:
         subscription.live = False  # fed from the streams, never by the local dispatcher
 
+    async def halt(self, subscription: Subscription) -> None:
+        raise EngineError(
+            f"cannot close subscription {subscription.name!r}: closing a subscription of an "
+            "engine in a cluster is not supported yet (its stream readers and leases would "
+            "go on); leave the engine instead"
+        )
+
+    async def retire(self, subscription: Subscription) -> None:  # pragma: no cover - halt refuses
+        raise AssertionError("halt refuses to close a subscription in a cluster")
+
     def start(self, subscription: Subscription) -> None:
         if subscription.scope == "cluster":
             self._cluster_subscriptions[subscription.name] = subscription

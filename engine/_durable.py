@@ -23,7 +23,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
@@ -134,6 +134,9 @@ class Tracker:
         # Set together by catch-up: one position each, as last checkpointed.
         self.partitions: list[PartitionTrack] = []
         self.saved: list[int] = []
+        # Closing: the catch-up stops (``Outbox.halt``); set when it ended.
+        self.halted = False
+        self.caught_up: anyio.Event | None = None
 
     def passed(self) -> int:
         if self.subscription.live:
@@ -523,6 +526,7 @@ class Outbox:
 
     def start(self, subscription: Subscription) -> None:
         tracker = self.trackers[subscription.name]
+        tracker.caught_up = anyio.Event()
         self.runtime.busy()  # counted now: the drain waits for a catch-up not yet begun
         self.runtime.start_task(self._catch_up, tracker, name=f"catch-up {subscription.name}")
 
@@ -538,6 +542,29 @@ class Outbox:
             # Stopped while catching up: the next run resumes from the positions.
         finally:
             runtime.idle()
+            assert tracker.caught_up is not None
+            tracker.caught_up.set()
+
+    async def halt(self, subscription: Subscription) -> None:
+        """``subscription`` is closing: its catch-up (if it still runs) stops."""
+        tracker = self.trackers.get(subscription.name)
+        if tracker is not None and tracker.caught_up is not None:
+            tracker.halted = True
+            await tracker.caught_up.wait()
+
+    async def retire(self, subscription: Subscription) -> None:
+        """``subscription`` closed and its actors stopped: the positions it reached are
+        stored (after whatever its projector wrote: the writer keeps the order), and it
+        is no longer followed."""
+        tracker = self.trackers.get(subscription.name)
+        if tracker is None:
+            return
+        if tracker.partitions:
+            request = self._checkpoint((tracker,))
+            if request is not None:
+                self.store.submit(request, bounded=False)
+            await self.store.call(lambda tx: None, kind="positions", background=True)
+        del self.trackers[subscription.name]
 
     async def _resume(self, tracker: Tracker) -> None:
         """Resume ``tracker``'s subscription after its stored position, then make it live."""
@@ -593,10 +620,12 @@ class Outbox:
                     break
                 continue
             for row in batch:
-                if self.runtime.stopping:
+                if self.runtime.stopping or tracker.halted:
                     return
                 await self._deliver_row(tracker, row)
                 tracker.cursor = row.seq
+        if tracker.halted:
+            return
         subscription.live = True
         self.bus.router.changed()
         logger.debug(
@@ -622,10 +651,11 @@ class Outbox:
             return  # this partition finished it in an earlier run
         await subscription.deliver_to(subscription.cells[index], delivery)
 
-    def _checkpoint(self) -> Request | None:
-        """A write request saving every durable subscription position that moved."""
+    def _checkpoint(self, trackers: Iterable[Tracker] | None = None) -> Request | None:
+        """A write request saving every durable subscription position that moved
+        (of ``trackers``: by default every one)."""
         changes: list[tuple[Tracker, int, int]] = []
-        for tracker in self.trackers.values():
+        for tracker in self.trackers.values() if trackers is None else trackers:
             if tracker.partitions:
                 for partition, position in tracker.dirty():
                     changes.append((tracker, partition, position))

@@ -39,6 +39,7 @@ from ._types import (
     Overflow,
     check_enum,
     check_int,
+    check_timeout,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "Routes",
     "Subscription",
     "SubscriptionRef",
+    "SubscriptionRegistry",
     "is_async_function",
     "stable_hash",
 ]
@@ -96,6 +98,12 @@ class DeadLetterRecorder(Protocol):
         entry: str | None = ...,
         then: Callable[[], None] | None = ...,
     ) -> None: ...
+
+
+class SubscriptionRegistry(Protocol):
+    """Where a subscription is registered (the event bus): ``SubscriptionRef.close``."""
+
+    async def close(self, subscription: Subscription, timeout: float | None) -> None: ...  # noqa: ASYNC109
 
 
 class OutboxRoutes(Protocol):
@@ -310,6 +318,9 @@ class Subscription:
         # A projection: ``handler`` is ``projector(tx, event)``, run in the writer.
         self.projector: Projector | None = handler if projection else None
         self.partition_count = partitions
+        # Set by the bus that registers it; ``closed`` once ``close`` began.
+        self.registry: SubscriptionRegistry | None = None
+        self.closed = False
         self.ref = SubscriptionRef(self)
 
     @property
@@ -452,6 +463,29 @@ class SubscriptionRef:
         """It takes newly published events (a durable one: once it caught up)."""
         return self._subscription.live
 
+    @property
+    def closed(self) -> bool:
+        """``close`` was called: it takes no more events."""
+        return self._subscription.closed
+
+    async def close(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Unsubscribe: take no more events, let the partitions handle what their
+        mailboxes hold, then stop them (``on_stop`` runs) and free the name.
+
+        A durable subscription keeps its stored position: subscribing again under
+        its name (in this engine or the next) resumes after it, and
+        ``engine.forget(name)`` drops it. After ``timeout`` seconds what is left
+        is cut short: the handler in progress is cancelled and queued events are
+        dead-lettered (reason ``stopped``), or, durable, stay in the outbox to come
+        again. Closing again does nothing. Refused from the subscription's own
+        handler (it would wait for itself) and in a cluster engine (not supported yet).
+        """
+        check_timeout(timeout, "timeout")
+        subscription = self._subscription
+        registry = subscription.registry
+        assert registry is not None, "a SubscriptionRef comes from a bus that registered it"
+        await registry.close(subscription, timeout)
+
     def statistics(self) -> list[ActorStatistics]:
         return [cell.statistics() for cell in self._subscription.cells]
 
@@ -494,6 +528,12 @@ class Router:
 
     def add(self, subscription: Subscription) -> None:
         self.subscriptions[subscription.name] = subscription
+        self._routes.clear()
+
+    def remove(self, subscription: Subscription) -> None:
+        """It takes no more events (it is closing)."""
+        if self.subscriptions.get(subscription.name) is subscription:
+            del self.subscriptions[subscription.name]
         self._routes.clear()
 
     def changed(self) -> None:

@@ -1342,3 +1342,14 @@ async def test_idle_waits_until_what_committed_here_is_in_redis(
         await anyio.to_thread.run_sync(redis_server.start)
         await bounded(engine.idle())
         assert cluster_metrics(engine).forwarding_lag == 0
+
+
+async def test_closing_a_subscription_in_a_cluster_engine_is_refused(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        for scope in ("cluster", "node"):
+            ref = engine.subscribe(Job, handler=_noop, name=f"{JOBS}-{scope}", scope=scope)
+            with pytest.raises(EngineError, match="not supported yet"):
+                await ref.close()
+            assert not ref.closed
