@@ -178,9 +178,10 @@ def _cluster(metrics: ClusterMetrics, partitions: int) -> Iterator[_Finding]:
     for name, owned in sorted(metrics.owned.items()):
         missing = sorted(set(range(partitions)) - set(owned))
         if missing:
+            which = "partition" if len(missing) == 1 else "partitions"
             yield (
                 _Level.DEGRADED,
-                f"cluster: no lease on partitions {_ranges(missing)} of {name!r}",
+                f"cluster: no lease on {which} {_ranges(missing)} of {name!r}",
             )
 
 
