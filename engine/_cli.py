@@ -9,9 +9,10 @@ Usage::
     python -m engine dead-letters PATH purge [--subscriber NAME]
     python -m engine prune PATH --older-than AGE
     python -m engine forget PATH NAME
+    python -m engine tail PATH [--type T ...] [--from-seq N] [--follow] [--json]
     python -m engine cluster status URL --namespace NS [--json] [--timeout SECONDS]
 
-``status``, ``list`` and ``show`` open the database read-only. ``replay``, ``purge``
+``status``, ``list``, ``show`` and ``tail`` open the database read-only. ``replay``, ``purge``
 and ``prune`` write in one ``BEGIN IMMEDIATE`` transaction, safe next to a running
 engine. No command creates or migrates a database. ``replay`` only flags the row:
 a running engine on the database redelivers it within about a second (or the next
@@ -22,10 +23,25 @@ positions of a subscription (or projection) that is no longer run, so it stops
 holding back ``prune``; were it registered again, it would start over from the
 oldest retained event.
 
+``tail`` prints outbox events oldest first (seq order is commit order), one line
+each: seq, committed time (UTC), type tag, event id, tenant id (``-`` for none) and the
+payload JSON. ``--json`` prints one JSON object per line instead: ``seq``, ``type``,
+``id``, ``tenant_id``, ``committed_at``, ``payload`` (the payload decoded) and
+``undecodable`` (true when the payload is not JSON: ``payload`` is then its raw text).
+``--type T`` (repeatable) keeps only events tagged T. ``--from-seq N`` starts at seq
+N. Without ``--follow`` it prints every retained event (from the oldest, or N) up to
+the head as it was when it started, and exits. With ``--follow`` it starts at the
+head, so only events committed from then on print (unless ``--from-seq`` is given),
+says on stderr from which seq it follows, and polls every 0.2 s, read-only, next to a
+running engine; a locked database is waited out (a note on stderr when it begins and
+ends), events pruned between two polls are not printed, and Ctrl-C or SIGTERM end it
+with status 0. Rows are read 500 at a time.
+
 ``cluster status`` reads the Redis of a cluster (never a database): the nodes and
 when their heartbeats expire, the partition count, who holds each partition of each
 cluster-scope subscription, each partition's lag and pending entries, the stream
-lengths and how far each producer has forwarded.
+lengths and how far each producer has forwarded. It needs coredis
+(``pip install 'actorbus[redis]'``); without it, it fails with that one-line error.
 
 Errors are one line on stderr (``error: ...``) with exit status 1; bad arguments
 exit with status 2. Text from the database, Redis or the filesystem (names, paths,
@@ -39,12 +55,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final, NamedTuple, NoReturn
 
 import anyio
@@ -53,7 +73,15 @@ import msgspec
 from ._cache import check_url, closing_connection_class, is_redis_outage, redact
 from ._deadletters import DeadLetter, read_rows
 from ._extras import MissingExtra, needs_redis
-from ._store import SCHEMA_VERSION, connect, parse_age, prune_outbox, read_status
+from ._store import (
+    BUSY_TIMEOUT,
+    SCHEMA_VERSION,
+    connect,
+    is_storage_fault,
+    parse_age,
+    prune_outbox,
+    read_status,
+)
 from .cluster import MAX_PARTITIONS, RedisStreams
 
 __all__ = ["main"]
@@ -83,8 +111,7 @@ def _open(path: str, *, write: bool = False) -> sqlite3.Connection:
     """
     if not os.path.isfile(path):
         raise CliError(f"no database at {path}")
-    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+    conn = _read_only(path)
     try:
         _check_schema(conn, path)
     except BaseException:
@@ -94,6 +121,11 @@ def _open(path: str, *, write: bool = False) -> sqlite3.Connection:
         return conn
     conn.close()
     return connect(path)
+
+
+def _read_only(path: str, *, timeout: float = 5.0) -> sqlite3.Connection:
+    """A read-only connection to ``path``: SQLite never creates or changes the file."""
+    return sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=timeout)
 
 
 def _check_schema(conn: sqlite3.Connection, path: str) -> None:
@@ -325,6 +357,168 @@ def _dead_letters(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.json and action not in ("list", "show"):
         parser.error("--json goes with list or show")
     {"list": _list, "show": _show, "replay": _replay, "purge": _purge}[action](args)
+
+
+# ------------------------------------------------------------------- tail
+
+TAIL_PAGE: Final = 500
+"""Rows read per query: a backlog of millions is printed page by page."""
+TAIL_POLL: Final = 0.2
+"""Seconds between two looks at the outbox with ``--follow``."""
+MAX_TAG: Final = 255
+"""The longest ``--type`` taken: the tag rule (``engine._events``) sets no length, and a
+tag is a dotted name; a longer argument is refused rather than searched for."""
+
+
+class TailEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of ``tail --json``."""
+
+    seq: int
+    type: str
+    id: str
+    tenant_id: str | None
+    committed_at: datetime | None
+    """When its transaction committed (the writer's clock, UTC); None if unreadable."""
+    payload: Any
+    """The encoded event decoded as JSON; its raw text when ``undecodable``."""
+    undecodable: bool = False
+
+
+def _committed(created_at: object) -> datetime | None:
+    """An outbox row's ``created_at`` (unix time) as a UTC datetime; None if it is not one."""
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(created_at, UTC)
+    except (ValueError, OverflowError, OSError):  # out of range, NaN
+        return None
+
+
+def _head(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0])
+
+
+class _Tail:
+    """Prints the outbox rows after ``position``, page by page, moving it as it goes."""
+
+    def __init__(self, position: int, args: argparse.Namespace) -> None:
+        self.position = position
+        self.types = sorted(set(args.type or ()))
+        self.json: bool = args.json
+
+    def catch_up(self, conn: sqlite3.Connection) -> None:
+        """Print every event after the position up to the head as it is now.
+
+        Seq order is commit order (writers take the lock with ``BEGIN IMMEDIATE``), so a
+        row below the head that is not there now never will be: the position can move
+        to the head even when a page held no row of the types asked for.
+        """
+        upto = _head(conn)
+        where = "seq > ? AND seq <= ?"
+        if self.types:
+            where += f" AND type IN ({', '.join('?' * len(self.types))})"
+        sql = (
+            "SELECT seq, id, type, tenant_id, payload, created_at FROM outbox "
+            f"WHERE {where} ORDER BY seq LIMIT {TAIL_PAGE}"
+        )
+        while self.position < upto:
+            rows = conn.execute(sql, (self.position, upto, *self.types)).fetchall()
+            for row in rows:
+                self.show(row)
+            sys.stdout.flush()
+            self.position = rows[-1][0] if len(rows) == TAIL_PAGE else upto
+
+    def show(self, row: tuple[Any, ...]) -> None:
+        seq, event_id, tag, tenant, payload, created_at = row
+        text = _text(payload)
+        committed = _committed(created_at)
+        if self.json:
+            try:
+                decoded, undecodable = msgspec.json.decode(text), False
+            except msgspec.DecodeError:
+                decoded, undecodable = text, True
+            _json(
+                TailEvent(
+                    seq=seq,
+                    type=_text(tag),
+                    id=_text(event_id),
+                    tenant_id=None if tenant is None else _text(tenant),
+                    committed_at=committed,
+                    payload=decoded,
+                    undecodable=undecodable,
+                )
+            )
+            return
+        when = "?" if committed is None else committed.isoformat(timespec="milliseconds")
+        # C1 and bidi characters (raw in msgspec's JSON) as JSON escapes: the payload
+        # stays valid JSON; _safe then escapes what JSON would not (another tool's text).
+        payload = text.translate(_JSON_ESCAPES)
+        fields = (seq, when.replace("+00:00", "Z"), tag, event_id, tenant or "-", payload)
+        print(" ".join(_safe(_text(field)) for field in fields))
+
+
+def _stop(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _follow(tail: _Tail, path: str) -> None:
+    """Print new events as they commit until interrupted; a locked database is waited out.
+
+    Each look opens its own read-only connection: an open WAL connection keeps a shared
+    lock on the file between reads, so a tail left running would keep anyone from
+    taking the file's exclusive lock (a tool in exclusive locking mode, a change of
+    journal mode) and the last engine to close from removing the WAL.
+    """
+    # On stderr, so that stdout holds events only: where it starts, and that it runs.
+    print(
+        f"tail: following {_safe(path)} from seq {tail.position + 1} (Ctrl-C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    waiting = False
+    while True:
+        try:
+            # The engine's own bound on another's lock; held longer, looked at again later.
+            with closing(_read_only(path, timeout=BUSY_TIMEOUT)) as conn:
+                tail.catch_up(conn)
+        except sqlite3.Error as exc:
+            if not is_storage_fault(exc):
+                raise
+            if not waiting:
+                print(f"tail: {_safe(path)}: {_safe(exc)}; retrying", file=sys.stderr, flush=True)
+                waiting = True
+        else:
+            if waiting:
+                print(f"tail: {_safe(path)} readable again", file=sys.stderr, flush=True)
+                waiting = False
+        time.sleep(TAIL_POLL)
+
+
+def _tail(args: argparse.Namespace) -> None:
+    try:
+        with closing(_open(args.path)) as conn:  # the usual checks and errors, once
+            tail = _Tail(0, args)
+            if args.from_seq is not None:
+                tail.position = args.from_seq - 1
+            elif args.follow:
+                tail.position = _head(conn)
+            if not args.follow:
+                tail.catch_up(conn)
+                return
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C even when started with SIGINT ignored (a background job), and SIGTERM.
+            handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            _follow(tail, args.path)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``tail ... | head``): nothing more to print.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # ---------------------------------------------------------------- cluster
@@ -641,6 +835,29 @@ def _limit(text: str) -> int:
     return _integer(text, 0, "a limit")
 
 
+def _seq(text: str) -> int:
+    return _integer(text, 1, "a seq")
+
+
+def _tag(text: str) -> str:
+    shown = repr(text if len(text) <= 40 else f"{text[:40]}...")
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"a type tag is not empty or blank, got {shown}")
+    if len(text) > MAX_TAG:
+        raise argparse.ArgumentTypeError(
+            f"a type tag is at most {MAX_TAG} characters, got {len(text)}: {shown}"
+        )
+    if text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"a type tag has no white space at either end, got {shown}"
+        )
+    if text != _safe(text):
+        raise argparse.ArgumentTypeError(
+            f"a type tag has no control or bidirectional characters, got {shown}"
+        )
+    return text
+
+
 def _url(text: str) -> str:
     try:
         return check_url(text)
@@ -698,6 +915,20 @@ def _parser() -> _Parsers:
     forget.add_argument("path", metavar="PATH")
     forget.add_argument("name", metavar="NAME", help="the subscription or projection")
 
+    tail = commands.add_parser("tail", help="print outbox events as they commit")
+    tail.add_argument("path", metavar="PATH")
+    tail.add_argument(
+        "--type", action="append", type=_tag, metavar="T", help="only events tagged T (repeatable)"
+    )
+    tail.add_argument(
+        "--from-seq",
+        type=_seq,
+        metavar="N",
+        help="start at seq N (default: the oldest event, or the head with --follow)",
+    )
+    tail.add_argument("--follow", action="store_true", help="keep printing new events")
+    tail.add_argument("--json", action="store_true", help="print one JSON object per line")
+
     cluster = commands.add_parser("cluster", help="inspect a cluster's Redis (no database)")
     actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
     cluster_status = actions.add_parser(
@@ -736,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
             _dead_letters(args, parsers.dead_letters)
         elif args.command == "forget":
             _forget(args)
+        elif args.command == "tail":
+            _tail(args)
         elif args.command == "cluster":
             _cluster(args, parsers.cluster_status)
         else:
