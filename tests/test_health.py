@@ -512,6 +512,17 @@ async def test_paths_count_after_the_root_path_and_odd_scopes_get_no_500() -> No
     assert (await call(app, {"type": "http"}))[0]["status"] == 404
 
 
+async def test_head_sends_the_headers_of_get_and_no_body() -> None:
+    # Servers drop a HEAD answer's body anyway (hypercorn does): the app sends none.
+    app = health_app(Engine())
+    for path in ("/livez", "/nope"):
+        got_start, got_body = await call(app, http(path))
+        head_start, head_body = await call(app, http(path, "HEAD"))
+        assert head_start == got_start
+        assert dict(head_start["headers"])[b"content-length"] == str(len(got_body["body"])).encode()
+        assert head_body == {"type": "http.response.body", "body": b""}
+
+
 async def test_many_reasons_are_cut_to_twenty_in_a_probe() -> None:
     async with Engine() as engine:
         for n in range(25):
