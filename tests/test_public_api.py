@@ -27,6 +27,7 @@ PUBLIC_SUBMODULES = {
         "events",
         "prometheus",
         "tenancy",
+        "testing",
         "validation",
     },
     "actors": set(),
