@@ -42,6 +42,12 @@ from ._store import Transaction as Transaction
 from ._store import TransactionControlRefused as TransactionControlRefused
 from ._store import TransactionEnded as TransactionEnded
 from ._supervision import SupervisorRef as SupervisorRef
+from ._system import ActorRestarted as ActorRestarted
+from ._system import BackpressureStateChanged as BackpressureStateChanged
+from ._system import BreakerStateChanged as BreakerStateChanged
+from ._system import DeadLettered as DeadLettered
+from ._system import PartitionsRebalanced as PartitionsRebalanced
+from ._system import SystemEvent as SystemEvent
 from ._types import ActorState as ActorState
 from ._types import ActorStatistics as ActorStatistics
 from ._types import Backoff as Backoff
@@ -55,6 +61,7 @@ from .tenancy import TenantValidationError as TenantValidationError
 __all__ = [
     "Actor",
     "ActorRef",
+    "ActorRestarted",
     "ActorState",
     "ActorStatistics",
     "ActorStopped",
@@ -63,14 +70,17 @@ __all__ = [
     "BackpressureError",
     "BackpressureMetrics",
     "BackpressureState",
+    "BackpressureStateChanged",
     "Backoff",
     "BreakerMetrics",
+    "BreakerStateChanged",
     "CacheUnavailable",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitOpenError",
     "CircuitState",
     "DeadLetter",
+    "DeadLettered",
     "DeadLetters",
     "Engine",
     "EngineError",
@@ -81,6 +91,7 @@ __all__ = [
     "Health",
     "MailboxFull",
     "Overflow",
+    "PartitionsRebalanced",
     "Restart",
     "ResolverStatistics",
     "StorageError",
@@ -90,6 +101,7 @@ __all__ = [
     "SupervisorEscalation",
     "SubscriptionRef",
     "SupervisorRef",
+    "SystemEvent",
     "TenantKey",
     "TenantNotFound",
     "TenantResolver",

@@ -279,6 +279,9 @@ class Host(Protocol):
     def forget(self, child: Cell | Supervisor) -> None:
         """Unregister a stopped cell's (or supervisor's) name."""
 
+    def restarted(self, cell: Cell, cause: BaseException | None) -> None:
+        """``cell`` starts a fresh instance (``cause``: what ended the last one)."""
+
 
 class Tracked:
     """A message that must learn when it cannot be delivered (an event's delivery).
@@ -460,6 +463,8 @@ class Cell:
         self.track: Track | None = None
         # Who answers for its untracked messages (a subscription: bare events).
         self.owner: Owner | None = None
+        # Its restarts raise no ActorRestarted (a system events subscription's own).
+        self.silent = False
 
         self.queue: collections.deque[Any] = collections.deque()
         self.senders: collections.deque[anyio.Event] = collections.deque()
@@ -675,6 +680,7 @@ class Cell:
                 if not isinstance(command, Resume):
                     break
                 self.restarts += 1
+                self.host.restarted(self, command.cause)
                 try:
                     await self._start_instance(self.factory(), command.cause)
                 except BaseException as caught:

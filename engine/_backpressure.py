@@ -11,6 +11,7 @@ import anyio
 import msgspec
 
 from ._errors import EngineError
+from ._system import BackpressureStateChanged, Emit, ignore
 
 __all__ = [
     "BackpressureConfig",
@@ -138,6 +139,8 @@ class BackpressureController:
         self.transitions = 0
         self._relieved: anyio.Event | None = None
         self._critical_entries = 0
+        # Each change of state goes out as a BackpressureStateChanged (engine._system).
+        self.emit: Emit = ignore
 
     def try_acquire(self) -> bool:
         """Take a slot unless CRITICAL."""
@@ -212,6 +215,7 @@ class BackpressureController:
     def _move(self, state: BackpressureState) -> None:
         old, self.state = self.state, state
         self.transitions += 1
+        self.emit(BackpressureStateChanged(old=old.value, new=state.value, depth=self.depth))
         level = logging.INFO
         if state is _CRITICAL:
             # Under sustained load CRITICAL is entered once per hysteresis margin

@@ -27,6 +27,7 @@ from ._actor import Actor, ActorRef
 from ._cancel import is_stray_cancellation
 from ._errors import EngineError
 from ._runtime import RESERVED_PREFIX, Runtime
+from ._system import BreakerStateChanged, Emit, ignore
 
 __all__ = [
     "BreakerMetrics",
@@ -199,6 +200,7 @@ class CircuitBreaker:
         "_successes",
         "_timeout",
         "config",
+        "emit",
         "generation",
         "name",
         "transitions",
@@ -212,6 +214,8 @@ class CircuitBreaker:
         self._fast = config.call_timeout is None
         self._timeout: float = config.call_timeout or 0.0
         self.transitions = 0
+        # Each change of state goes out as a BreakerStateChanged (engine._system).
+        self.emit: Emit = ignore
         self._actor: ActorRef[Any] | None = None
         self._requests = 0
         self._successes = 0
@@ -363,6 +367,7 @@ class CircuitBreaker:
         self.generation = generation
         if state is not old.state:
             self.transitions += 1
+            self.emit(BreakerStateChanged(breaker=self.name, old=old.state.value, new=state.value))
         return generation
 
     # ---------------------------------------------------------- controls
@@ -408,6 +413,8 @@ class BreakerRegistry:
         self._runtime = runtime
         self._make_actor = make_actor
         self._breakers: dict[str, CircuitBreaker] = {}
+        # Given to every breaker it makes (``CircuitBreaker.emit``).
+        self.emit: Emit = ignore
 
     def get(self, name: str, config: CircuitBreakerConfig | None) -> CircuitBreaker:
         """The breaker for ``name`` (made on first use; ``ValueError`` for another config)."""
@@ -426,6 +433,7 @@ class BreakerRegistry:
         if runtime.closing:
             runtime.refuse()
         breaker = CircuitBreaker(name, config)
+        breaker.emit = self.emit
         if runtime.running:
             self._start(breaker)
         self._breakers[name] = breaker

@@ -9,6 +9,7 @@ follow a durable subscription's positions and to start its catch-up.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
@@ -36,10 +37,13 @@ from ._routing import (
     SubscriptionRef,
 )
 from ._runtime import RESERVED_PREFIX, Runtime
-from ._supervision import ChildSpec, Supervisor
+from ._supervision import ChildSpec, Supervisor, check_name
+from ._system import SystemEvent, is_system
 from ._types import Backoff, DeadLetterReason, Overflow, Restart, Strategy
 
 __all__ = ["DISPATCHER", "RELAY", "EventBus", "Tracking"]
+
+logger = logging.getLogger("actorbus.dispatcher")
 
 DISPATCHER = RESERVED_PREFIX + "dispatcher"
 RELAY = RESERVED_PREFIX + "relay"
@@ -66,6 +70,14 @@ class Tracking(Protocol):
         """Its actors stopped: store the positions it reached and stop following it."""
 
 
+class DurablePublisher(Protocol):
+    """With a database, publishing goes through the outbox (``Outbox``)."""
+
+    async def publish(self, event: Event, timeout: float | None) -> None: ...  # noqa: ASYNC109
+
+    def try_publish(self, event: Event) -> None: ...
+
+
 class EventBus:
     """Publishing, dispatching and the lifecycle of subscriptions."""
 
@@ -87,8 +99,11 @@ class EventBus:
         self._pending: list[Subscription] = []
         # Each started subscription's supervisor (of its partition actors), by name.
         self._supervisors: dict[str, Supervisor] = {}
+        # System events a lagging subscriber lost (its oldest, when its mailbox was full).
+        self.system_events_dropped = 0
         self.dispatcher: Cell | None = None
         self.tracking: Tracking | None = None
+        self.durable: DurablePublisher | None = None
         # With a cluster: its partition count (a cluster-scope subscription has one
         # actor per partition), and subscriptions are in cluster scope by default.
         self.cluster_partitions: int | None = None
@@ -112,9 +127,16 @@ class EventBus:
         for subscription in pending:
             self._start(subscription)
 
-    def registered(self, name: str) -> bool:
-        """A subscription (or projection) called ``name`` is registered here."""
-        return name in self.router.subscriptions
+    def check_retired(self, name: str) -> None:
+        """``name`` may be forgotten (``engine.forget``): not the engine's own, and no
+        subscription of that name registered here."""
+        check_name(name)
+        if name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"names starting with {RESERVED_PREFIX!r} are the engine's own")
+        if name in self.router.subscriptions:
+            raise ValueError(
+                f"subscription {name!r} is registered in this engine: close it before forgetting it"
+            )
 
     def check_new(self, name: str) -> None:
         """A new subscription may take ``name``."""
@@ -134,7 +156,9 @@ class EventBus:
         """A new subscription (``options`` as ``Subscription`` takes and checks them)."""
         partitions = self.cluster_partitions
         if scope is None:
-            scope = "cluster" if partitions is not None else "node"
+            # System events are the node's own: a subscription to them is in node scope.
+            system = all(isinstance(t, type) and is_system(t) for t in event_types)
+            scope = "cluster" if partitions is not None and not system else "node"
         if scope == "cluster":
             if partitions is None:
                 raise ValueError(
@@ -157,6 +181,23 @@ class EventBus:
         )
         return self.add(subscription)
 
+    def project(
+        self, event_types: tuple[object, ...], projector: object, **options: Any
+    ) -> SubscriptionRef:
+        """A projection (``engine.project``): one partition, in order, the node's own."""
+        if self.durable is None:
+            raise EngineError("project needs a database: use Engine('app.db')")
+        return self.subscribe(
+            event_types,
+            projector,
+            partitions=1,
+            key=None,
+            overflow=Overflow.BLOCK,
+            projection=True,
+            scope="node",  # a projection is the node's own, in any engine
+            **options,
+        )
+
     def add(self, subscription: Subscription) -> SubscriptionRef:
         """Register ``subscription``; its actors start now, or with the engine."""
         self.check_new(subscription.name)
@@ -164,7 +205,7 @@ class EventBus:
         names = subscription.names()
         for name in names:
             runtime.check_name_free(name)
-        if self.tracking is not None:
+        if self.tracking is not None and not subscription.system:
             self.tracking.track(subscription)
         if runtime.running:
             self._start(subscription)
@@ -186,7 +227,7 @@ class EventBus:
                 f"subscription {subscription.name!r} cannot close itself from its own handler "
                 "(it would wait for itself): close it from outside"
             )
-        tracking = self.tracking
+        tracking = None if subscription.system else self.tracking
         if subscription in self._pending:  # the engine has not started it
             self._pending.remove(subscription)
             runtime.release(subscription.names())
@@ -247,9 +288,10 @@ class EventBus:
             # the engine queues into it.
             cell.owner = subscription
             cell.ref = PartitionRef(cell)
+            cell.silent = subscription.system
             subscription.cells.append(cell)
             runtime.start_task(cell.run, instance, name=f"subscriber {cell.name}")
-        if self.tracking is not None:
+        if self.tracking is not None and not subscription.system:
             self.tracking.start(subscription)
 
     # ------------------------------------------------------------- publishing
@@ -284,13 +326,20 @@ class EventBus:
             raise BackpressureError("the dispatcher mailbox is full")
 
     async def publish(self, event: Event, timeout: float | None) -> None:  # noqa: ASYNC109
-        """Take a slot (waiting while CRITICAL, up to ``timeout``) and send ``event``."""
+        """Take a slot (waiting while CRITICAL, up to ``timeout``) and send ``event``
+        (with a database: commit it to the outbox, whose relay takes the slot)."""
+        if self.durable is not None:
+            await self.durable.publish(event, timeout)
+            return
         controller = self.controller
         if not controller.try_acquire():
             await controller.acquire(timeout)
         self.send(event)
 
     def try_publish(self, event: Event) -> None:
+        if self.durable is not None:
+            self.durable.try_publish(event)
+            return
         if not self.controller.try_acquire():
             self.refuse_critical()
         self.send(event)
@@ -321,6 +370,37 @@ class EventBus:
         if cell is None:
             raise ActorStopped(f"cannot replay dead letter {letter.id}: no actor {letter.actor!r}")
         await cell.ref.tell(letter.message)
+
+    def emit(self, event: SystemEvent) -> None:
+        """Hand a system event to every subscription that takes it (``engine._system``):
+        no slot; a full mailbox loses its oldest system event, counted."""
+        subscriptions = self.router.route(type(event))
+        for subscription in subscriptions:
+            try:
+                cell = subscription.pick(event)
+            except Exception:  # its key function failed: as if its mailbox were full
+                self._dropped_system_event(subscription)
+                continue
+            if cell.closed:  # stopped (during the drain its mailbox still takes them)
+                self._dropped_system_event(subscription)
+                continue
+            queue = cell.queue
+            if len(queue) >= cell.capacity:
+                queue.popleft()  # a system event too: its subscription takes no other
+                self._dropped_system_event(subscription)
+            delivery = Delivery(event, self.free_routes)
+            delivery.routed = True  # handed to this partition: its dead letter is this one's
+            cell.enqueue(delivery)
+
+    def _dropped_system_event(self, subscription: Subscription) -> None:
+        self.system_events_dropped += 1
+        if self.system_events_dropped % 1000 == 1 and not self.runtime.closing:
+            logger.warning(
+                "system events subscription %r lags: %d system events dropped so far",
+                subscription.name,
+                self.system_events_dropped,
+                extra={"subscriber": subscription.name},
+            )
 
     def unsettled(self) -> str | None:
         """What keeps the bus from idle (``engine.idle``): events in flight, or None."""

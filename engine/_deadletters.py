@@ -16,6 +16,7 @@ import msgspec
 from ._errors import EngineError
 from ._events import Event, decode, encode
 from ._store import Request, Store, event_tag
+from ._system import DeadLettered, Emit, SystemEvent, ignore
 from ._types import DeadLetterReason
 
 __all__ = ["DeadLetter", "DeadLetters"]
@@ -88,6 +89,8 @@ class DeadLetters:
         """Dead letters pushed out of the in-memory store by newer ones."""
         self.total = 0
         """Dead letters recorded since the engine started."""
+        # Each recorded dead letter goes out as a DeadLettered (engine._system).
+        self.emit: Emit = ignore
 
     @property
     def max_entries(self) -> int:
@@ -210,6 +213,7 @@ class DeadLetters:
             )
             self._remember(letter)
             self._log(letter)
+            self._announce(letter)
             if then is not None:
                 then()
             return
@@ -224,7 +228,9 @@ class DeadLetters:
                     extra={"actor": actor, "reason": reason},
                 )
                 return
-            self.restored(msgspec.structs.replace(pending, id=request.result))
+            letter = msgspec.structs.replace(pending, id=request.result)
+            self.restored(letter)
+            self._announce(letter)
             if then is not None:
                 then()
 
@@ -245,6 +251,14 @@ class DeadLetters:
                 f", {pending.error}" if pending.error else "",
                 exc,
                 extra={"actor": actor, "reason": reason},
+            )
+
+    def _announce(self, letter: DeadLetter) -> None:
+        """A DeadLettered, unless the letter is a system event's (a system subscriber
+        that fails must not feed itself)."""
+        if not isinstance(letter.message, SystemEvent):
+            self.emit(
+                DeadLettered(actor=letter.actor, reason=letter.reason, dead_letter_id=letter.id)
             )
 
     def _remember(self, letter: DeadLetter) -> None:

@@ -24,7 +24,7 @@ from actors._dispatcher import ActorSubscriber, Dispatcher, FunctionSubscriber
 from actors._relay import ProjectionSubscriber, Relay
 from actors._resolver import ResolverActor
 
-from ._actor import Actor, ActorRef, current_cell
+from ._actor import Actor, ActorRef
 from ._backpressure import BackpressureConfig
 from ._breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
@@ -41,9 +41,10 @@ from ._routing import (
     Subscription,
     SubscriptionRef,
 )
-from ._runtime import RESERVED_PREFIX, Runtime, wait_settled
+from ._runtime import Runtime
 from ._store import Transaction, check_path, check_transact_function
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
+from ._system import SystemEvent, refuse_unpublishable
 from ._types import Overflow, check_int, check_timeout
 from .cluster import RedisStreams, check_cluster
 
@@ -108,6 +109,10 @@ class Engine(Spawner):
         self._breakers = BreakerRegistry(
             runtime, lambda breaker: lambda: BreakerActor(breaker, runtime.start_task)
         )
+        # The parts whose state changes go out as system events (engine._system).
+        emit = self._bus.emit
+        runtime.emit = self._bus.controller.emit = self.dead_letters.emit = emit
+        self._breakers.emit = emit
         self.cluster = cluster
         self._outbox: Outbox | None = None
         self._link: ClusterLink | None = None
@@ -121,12 +126,13 @@ class Engine(Spawner):
                 storage_timeout=self.storage_timeout,
                 start_timeout=start_timeout,
             )
-            self._bus.tracking = self._outbox
+            self._bus.tracking = self._bus.durable = self._outbox
             if cluster is not None:
                 breaker = self._breakers.get("actorbus.cluster", breaker_config())
                 self._link = ClusterLink(
                     cluster, runtime, self._bus, self._outbox, self.dead_letters, breaker
                 )
+                self._link.emit = emit
                 self._bus.tracking = self._link
                 self._bus.cluster_partitions = cluster.partitions
 
@@ -251,50 +257,19 @@ class Engine(Spawner):
         return check_health(self._runtime, self.metrics, self.backpressure, self.cluster)
 
     async def forget(self, name: str) -> int:
-        """Drop the stored positions of a retired durable subscription or projection.
-
-        It stops holding back ``prune``; were it registered again, it would start
-        over from the oldest retained event (as ``python -m engine forget`` does).
-        Returns how many partition positions it had. ``KeyError`` when nothing is
-        stored under ``name``; ``ValueError`` while a subscription of that name is
-        registered here (``await ref.close()`` it first) and for the engine's own names.
-        """
-        check_name(name)
-        if name.startswith(RESERVED_PREFIX):
-            raise ValueError(f"names starting with {RESERVED_PREFIX!r} are the engine's own")
-        if self._bus.registered(name):
-            raise ValueError(
-                f"subscription {name!r} is registered in this engine: close it before forgetting it"
-            )
+        """Drop the stored positions of a retired durable subscription or projection, as
+        ``python -m engine forget`` does; returns how many it had (``KeyError``: none;
+        ``ValueError`` while one of that name is registered here: close it first)."""
+        self._bus.check_retired(name)
         return await self._require_outbox("forget").forget(name)
 
     async def idle(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Return once nothing is in flight; ``TimeoutError`` after ``timeout`` seconds.
-
-        Idle means: every actor waits for messages with an empty mailbox (no
-        handler runs, no retry waits, no catch-up reads), no event holds a
-        backpressure slot, and with a database nothing waits for a commit, the
-        relay dispatched every committed event and every durable subscription
-        and projection is at the outbox head; in a cluster, every event
-        committed here is in Redis (events other nodes have not sent yet are
-        not waited for). A test can publish, ``await engine.idle()``, then
-        assert. Called from inside an actor it would wait for itself: refused.
-        """
-        check_timeout(timeout, "timeout")
-        runtime = self._runtime
-        if not runtime.running:
-            runtime.refuse()
-        if current_cell.get() is not None:
-            raise EngineError(
-                "engine.idle() waits for every actor to finish: called from an actor's own "
-                "handler it would wait for itself"
-            )
-        # The runtime's busy count is the shutdown drain's: it covers the actors, the
-        # writes waiting for a commit, the relay and the catch-up readers.
-        parts: list[Callable[[], str | None]] = [runtime.unsettled, self._bus.unsettled]
-        if self._link is not None:
-            parts.append(self._link.unsettled)
-        await wait_settled(runtime, parts, timeout)
+        """Return once nothing is in flight (every mailbox empty and no handler, retry,
+        write or catch-up under way, no event holding a slot; in a cluster, what committed
+        here is in Redis); ``TimeoutError`` after ``timeout`` s. Publish, idle, assert."""
+        link = self._link
+        extra = [] if link is None else [link.unsettled]
+        await self._runtime.wait_idle([self._bus.unsettled, *extra], timeout)
 
     # ------------------------------------------------------------- events
 
@@ -354,24 +329,13 @@ class Engine(Spawner):
         per attempt) up to ``max_attempts``, then the event is dead-lettered in
         that same transaction. Needs a database.
         """
-        if self.database is None:
-            raise EngineError("project needs a database: use Engine('app.db')")
-        return self._bus.subscribe(
-            event_types,
-            projector,
-            name=name,
-            capacity=capacity,
-            partitions=1,
-            key=None,
-            overflow=Overflow.BLOCK,
-            max_attempts=max_attempts,
-            projection=True,
-            scope="node",  # a projection is the node's own, in any engine
+        return self._bus.project(
+            event_types, projector, name=name, max_attempts=max_attempts, capacity=capacity
         )
 
     def _check_event(self, event: object) -> None:
-        if not isinstance(event, Event):
-            raise TypeError(f"publish takes an Event, got {type(event).__name__}")
+        if not isinstance(event, Event) or isinstance(event, SystemEvent):
+            refuse_unpublishable(event, "publish")
         event.validate()
 
     async def publish(self, event: Event, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -384,10 +348,6 @@ class Engine(Spawner):
             check_timeout(timeout, "timeout")
         self._check_event(event)
         self._runtime.check_publishing()
-        outbox = self._outbox
-        if outbox is not None:
-            await outbox.publish(event, timeout)
-            return
         await self._bus.publish(event, timeout)
 
     def try_publish(self, event: Event) -> None:
@@ -399,10 +359,6 @@ class Engine(Spawner):
         runtime = self._runtime
         if not runtime.accepting:
             runtime.check_publishing()
-        outbox = self._outbox
-        if outbox is not None:
-            outbox.try_publish(event)
-            return
         self._bus.try_publish(event)
 
     # ------------------------------------------------------------- durable API

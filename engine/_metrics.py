@@ -46,6 +46,8 @@ class EngineMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """The database's health: outages, retries, writes waiting (None without a database)."""
     cluster: ClusterMetrics | None = None
     """This node in the cluster (None without one)."""
+    system_events_dropped: int = 0
+    """System events lagging subscribers lost (their oldest, when their mailbox was full)."""
 
 
 def snapshot(
@@ -71,4 +73,5 @@ def snapshot(
         tenant_rejections=tenants,
         storage=outbox.metrics() if outbox is not None else None,
         cluster=link.metrics() if link is not None else None,
+        system_events_dropped=bus.system_events_dropped,
     )

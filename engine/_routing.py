@@ -32,6 +32,7 @@ from ._actor import Actor, ActorRef, Cell, Tracked
 from ._errors import ActorStopped, MailboxFull
 from ._events import Event
 from ._supervision import check_name
+from ._system import is_system
 from ._types import (
     ActorStatistics,
     Backoff,
@@ -283,6 +284,8 @@ class Subscription:
         if scope not in ("node", "cluster"):
             raise ValueError(f"scope must be 'cluster' or 'node', got {scope!r}")
         self.event_types = check_event_types(event_types, verb)
+        # Takes the engine's own events (engine._system), and only those.
+        self.system = check_system_types(self.event_types, projection=projection, scope=scope)
         if projection:
             if not callable(handler) or inspect.iscoroutinefunction(handler):
                 raise TypeError(
@@ -334,7 +337,10 @@ class Subscription:
         return f"subscription:{self.name}"
 
     def matches(self, event_type: type) -> bool:
-        return issubclass(event_type, self.event_types)
+        # System events go to system event subscriptions only (not to Event's).
+        return issubclass(event_type, self.event_types) and (
+            self.system or not is_system(event_type)
+        )
 
     def partition_names(self) -> list[str]:
         if self.partition_count == 1:
@@ -606,6 +612,26 @@ def check_event_types(event_types: tuple[object, ...], verb: str) -> tuple[type[
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
             raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
     return event_types  # type: ignore[return-value]
+
+
+def check_system_types(
+    event_types: tuple[type[Event], ...], *, projection: bool, scope: Scope
+) -> bool:
+    """Whether a subscription takes system events; refuses one that mixes them with
+    other events, a projection of them and a cluster-scope one (they are the node's own)."""
+    system = [is_system(event_type) for event_type in event_types]
+    if not any(system):
+        return False
+    if not all(system):
+        raise ValueError(
+            "system events (engine.SystemEvent and its subclasses) take a subscription of "
+            "their own: do not mix them with other events"
+        )
+    if projection:
+        raise ValueError("system events are in memory only: they cannot be projected")
+    if scope == "cluster":
+        raise ValueError("system events are this node's own: subscribe to them in scope='node'")
+    return True
 
 
 def is_actor_factory(handler: object) -> bool:

@@ -21,14 +21,20 @@ from anyio.abc import TaskGroup, TaskStatus
 from ._actor import Actor, ActorRef, AskTimer, Cell, DeadLetterSink, current_cell, event_class
 from ._errors import EngineError
 from ._supervision import ChildSpec, Supervisor
-from ._types import ActorStatistics, Backoff, Overflow, Restart, Strategy
+from ._system import ActorRestarted, Emit, ignore
+from ._types import ActorStatistics, Backoff, Overflow, Restart, Strategy, check_timeout
 
-__all__ = ["RESERVED_PREFIX", "Phase", "Runtime", "wait_settled"]
+__all__ = ["RESERVED_PREFIX", "Phase", "Runtime"]
 
 logger = logging.getLogger("actorbus.engine")
 
 # The engine's own actors; user names may not start with it.
 RESERVED_PREFIX = "actorbus."
+
+# How long ``wait_idle`` waits for the busy count to fall to 0 before it looks
+# again anyway: doubling from the first to the last.
+_RECHECK_FIRST = 0.001
+_RECHECK_LAST = 0.05
 
 
 class Phase(enum.Enum):
@@ -92,6 +98,8 @@ class Runtime:
         self._busy = 0
         # Set (and dropped) each time the busy count falls to 0: ``engine.idle`` waits on it.
         self._quiet: anyio.Event | None = None
+        # Each restart of an actor goes out as an ActorRestarted (engine._system).
+        self.emit: Emit = ignore
 
     # ------------------------------------------------------------ lifecycle
 
@@ -292,6 +300,11 @@ class Runtime:
         if self.names.get(child.name) is child:
             del self.names[child.name]
 
+    def restarted(self, cell: Cell, cause: BaseException | None) -> None:
+        if not cell.silent:
+            reason = "restarted" if cause is None else f"{type(cause).__name__}: {cause}"
+            self.emit(ActorRestarted(actor=cell.name, reason=reason))
+
     def actor(self, name: str) -> ActorRef[Any]:
         """The ref of the running actor called ``name`` (``KeyError`` if there is none)."""
         target = self.names.get(name)
@@ -325,7 +338,7 @@ class Runtime:
             return f"{self._busy} actors, writes or readers at work"
         return None
 
-    async def quieter(self, within: float) -> None:
+    async def _quieter(self, within: float) -> None:
         """Return when the busy count next falls to 0, or after ``within`` seconds."""
         quiet = self._quiet
         if quiet is None:
@@ -333,37 +346,43 @@ class Runtime:
         with anyio.move_on_after(within):
             await quiet.wait()
 
+    async def wait_idle(
+        self,
+        parts: Sequence[Callable[[], str | None]],
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> None:
+        """``engine.idle``: return once the busy count is 0 and every part answers None;
+        ``TimeoutError`` naming what is still in flight after ``timeout`` seconds.
+
+        The busy count is the shutdown drain's: the actors, the writes waiting for a
+        commit, the relay and the catch-up readers. Woken when it falls to 0, and
+        looking again on a doubling bound anyway (a slot given back after a dead
+        letter commits moves no actor).
+        """
+        check_timeout(timeout, "timeout")
+        if not self.running:
+            self.refuse()
+        if current_cell.get() is not None:
+            raise EngineError(
+                "engine.idle() waits for every actor to finish: called from an actor's own "
+                "handler it would wait for itself"
+            )
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        recheck = _RECHECK_FIRST
+        while True:
+            unsettled = [found for part in (self.unsettled, *parts) if (found := part())]
+            if not unsettled:
+                return
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                raise TimeoutError(
+                    f"the engine was not idle within {timeout} s: " + "; ".join(unsettled)
+                )
+            await self._quieter(min(recheck, left))
+            recheck = min(recheck * 2, _RECHECK_LAST)
+
     def in_flight(self) -> int:
         return sum(t.in_flight() for t in self.names.values() if isinstance(t, Cell))
 
     def statistics(self) -> dict[str, ActorStatistics]:
         return {name: t.statistics() for name, t in self.names.items() if isinstance(t, Cell)}
-
-
-# How long ``wait_settled`` waits for the busy count to fall to 0 before it looks
-# again anyway (a slot given back after a dead letter commits moves no actor):
-# doubling from the first to the last.
-_RECHECK_FIRST = 0.001
-_RECHECK_LAST = 0.05
-
-
-async def wait_settled(
-    runtime: Runtime,
-    parts: Sequence[Callable[[], str | None]],
-    timeout: float | None,  # noqa: ASYNC109
-) -> None:
-    """Return once every part answers None (settled); ``TimeoutError`` naming
-    what is still in flight after ``timeout`` seconds (``engine.idle``)."""
-    deadline = math.inf if timeout is None else anyio.current_time() + timeout
-    recheck = _RECHECK_FIRST
-    while True:
-        unsettled = [found for part in parts if (found := part()) is not None]
-        if not unsettled:
-            return
-        left = deadline - anyio.current_time()
-        if left <= 0:
-            raise TimeoutError(
-                f"the engine was not idle within {timeout} s: " + "; ".join(unsettled)
-            )
-        await runtime.quieter(min(recheck, left))
-        recheck = min(recheck * 2, _RECHECK_LAST)

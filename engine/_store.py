@@ -30,6 +30,7 @@ import sqlite_utils
 from ._errors import EngineError
 from ._events import Event, decode, encode
 from ._filelock import EngineLock, EngineLockHeld, lock_path
+from ._system import SystemEvent, refuse_unpublishable
 
 __all__ = [
     "StorageError",
@@ -355,8 +356,8 @@ class Transaction:
 
     def publish(self, event: Event) -> int:
         """Validate ``event`` and append it to the outbox in this transaction; returns its seq."""
-        if not isinstance(event, Event):
-            raise TypeError(f"tx.publish takes an Event, got {type(event).__name__}")
+        if not isinstance(event, Event) or isinstance(event, SystemEvent):
+            refuse_unpublishable(event, "tx.publish")
         event.validate()
         raw = self._raw
         if not raw.in_transaction:

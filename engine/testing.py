@@ -30,21 +30,17 @@ run each test on both) and need the test to be an anyio test
         await actorbus_engine.publish(OrderPlaced(order_id=order, total=100, currency="EUR"))
         await actorbus_engine.idle()
         assert billed == [order]
-
-The plugin imports the engine only when a fixture runs, so loading it costs a
-test suite that does not use it nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    from engine import Engine
+from ._engine import Engine
+from ._redis_server import MISSING, RedisServer, find_redis_server
 
 __all__ = ["actorbus_durable_engine", "actorbus_engine", "actorbus_redis_url"]
 
@@ -52,8 +48,6 @@ __all__ = ["actorbus_durable_engine", "actorbus_engine", "actorbus_redis_url"]
 @pytest.fixture
 async def actorbus_engine(anyio_backend: object) -> AsyncIterator[Engine]:
     """A running in-memory engine, left after the test (what it accepted is drained)."""
-    from engine import Engine
-
     async with Engine() as engine:
         yield engine
 
@@ -61,8 +55,6 @@ async def actorbus_engine(anyio_backend: object) -> AsyncIterator[Engine]:
 @pytest.fixture
 async def actorbus_durable_engine(anyio_backend: object, tmp_path: Path) -> AsyncIterator[Engine]:
     """A running engine on a fresh SQLite file, ``tmp_path / "actorbus.db"``."""
-    from engine import Engine
-
     async with Engine(tmp_path / "actorbus.db") as engine:
         yield engine
 
@@ -70,8 +62,6 @@ async def actorbus_durable_engine(anyio_backend: object, tmp_path: Path) -> Asyn
 @pytest.fixture
 def actorbus_redis_url() -> Iterator[str]:
     """The URL of a ``redis-server`` of the test's own, on a free port."""
-    from engine._redis_server import MISSING, RedisServer, find_redis_server
-
     binary = find_redis_server()
     if binary is None:
         pytest.fail(f"the actorbus_redis_url fixture needs {MISSING}")
