@@ -47,6 +47,7 @@ from ._extras import MissingExtra, needs_redis
 from ._routing import Delivery, Routes, Subscription, stable_hash
 from ._runtime import Runtime
 from ._store import OutboxRow, Request, Transaction, read_outbox
+from ._system import Emit, PartitionsRebalanced, ignore
 from .cluster import ClusterMetrics, RedisStreams
 
 __all__ = ["FORWARDER", "ClusterLink", "breaker_config"]
@@ -258,6 +259,8 @@ class ClusterLink:
         self._positions = f"{ns}:positions"
         self.producer = ""
         self.forwarded = 0
+        # Each change of the partitions this node holds goes out as a PartitionsRebalanced.
+        self.emit: Emit = ignore
         self.connected = False
         self.live_nodes: list[str] = [config.node]
         self.trimmed = 0
@@ -286,8 +289,11 @@ class ClusterLink:
     @contextlib.contextmanager
     def _owned_scope(self) -> Iterator[anyio.CancelScope]:
         """A cancel scope ``stop`` cancels, for one of the link's tasks (it waits for
-        them before the client closes)."""
+        them before the client closes). Entered once ``stop`` began (a task that was
+        still starting), it is cancelled at once: the client is closing."""
         with anyio.CancelScope() as scope:
+            if self._all_stopped is not None:
+                scope.cancel()
             self._scopes.add(scope)
             self._running += 1
             try:
@@ -698,6 +704,7 @@ class ClusterLink:
 
     def _rebalanced(self, name: str) -> None:
         owned = sorted(self._leased[name])
+        self.emit(PartitionsRebalanced(subscription=name, owned=owned))
         logger.info(
             "cluster: node %r holds partitions %s of %r",
             self.config.node,

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
-from engine import Engine, EngineError, Event, Transaction
+from engine import DeadLettered, Engine, EngineError, Event, PartitionsRebalanced, Transaction
 from engine._routing import stable_hash
 from engine.cluster import ClusterMetrics, RedisStreams
 from engine.events import decode
@@ -1353,3 +1353,25 @@ async def test_closing_a_subscription_in_a_cluster_engine_is_refused(
             with pytest.raises(EngineError, match="not supported yet"):
                 await ref.close()
             assert not ref.closed
+
+
+# ------------------------------------------------------------- system events
+
+
+async def test_a_node_announces_the_partitions_it_holds(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    seen: list[PartitionsRebalanced] = []
+
+    async def watch(event: PartitionsRebalanced) -> None:
+        seen.append(event)
+
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        # System events are the node's own: node scope by default, cluster scope refused.
+        engine.subscribe(PartitionsRebalanced, handler=watch, name="watch")
+        with pytest.raises(ValueError, match="scope='node'"):
+            engine.subscribe(DeadLettered, handler=_noop, name="c", scope="cluster")
+        engine.subscribe(Job, handler=_noop, name=JOBS)
+        await until(lambda: owned(engine) == [0, 1, 2, 3], "a holds every partition")
+        await until(lambda: bool(seen) and seen[-1].owned == [0, 1, 2, 3], "announced")
+    assert {event.subscription for event in seen} == {JOBS}
