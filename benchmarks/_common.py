@@ -13,11 +13,7 @@ import contextlib
 import gc
 import math
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +24,7 @@ import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from engine import Actor, ActorRef
+from engine._redis_server import MISSING, RedisServer, find_redis_server
 from engine.events import Event
 
 _T = TypeVar("_T")
@@ -510,9 +507,6 @@ async def paced(count: int, send: Callable[[int], Coroutine[Any, Any, None]], ra
 
 # -------------------------------------------------------------------- redis
 
-REDIS_START_TIMEOUT = 10.0
-"""Seconds a benchmark's redis-server may take to answer PING before the scenario fails."""
-
 
 class RedisServerMissing(RuntimeError):
     """The cluster scenarios need ``redis-server``, and it is not installed."""
@@ -520,81 +514,15 @@ class RedisServerMissing(RuntimeError):
 
 def redis_server_binary() -> str:
     """The path of ``redis-server``; ``RedisServerMissing`` names the package when it is absent."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.access(binary, os.X_OK):
-        raise RedisServerMissing(
-            f"the cluster scenarios need redis-server, not found on PATH nor at {binary} "
-            "(Debian/Ubuntu: apt-get install redis-server)"
-        )
+    binary = find_redis_server()
+    if binary is None:
+        raise RedisServerMissing(f"the cluster scenarios need {MISSING}")
     return binary
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def _pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
-            connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _launch(binary: str, directory: str, port: int) -> subprocess.Popen[bytes] | None:
-    """Start ``redis-server`` on ``port`` and wait for PING; None when it exited (port taken)."""
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory]
-    command += ["--save", "", "--appendonly", "no"]
-    log_path = os.path.join(directory, "redis.log")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory
-        )
-    deadline = time.monotonic() + REDIS_START_TIMEOUT
-    # Polling is fine here: the server starts once per scenario, outside what is timed.
-    while not _pong(port):
-        if process.poll() is not None:
-            return None
-        if time.monotonic() > deadline:
-            _stop(process)
-            with open(log_path, "rb") as written:
-                tail = written.read()[-2000:].decode(errors="replace")
-            raise RuntimeError(f"redis-server did not answer PING on port {port}:\n{tail}")
-        time.sleep(0.01)
-    return process
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=REDIS_START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """A throwaway ``redis-server`` on a free loopback port, without persistence: its URL.
-
-    The tests' launch (tests/redis_server.py) minus what only tests need (pause,
-    restart on the same port): benchmarks do not import tests.
-    """
-    binary = redis_server_binary()
-    with tempfile.TemporaryDirectory(prefix="actorbus-bench-redis-") as directory:
-        # A port free when picked may be taken before Redis binds it: then another is tried.
-        for _attempt in range(3):
-            port = _free_port()
-            process = _launch(binary, directory, port)
-            if process is not None:
-                break
-        else:
-            raise RuntimeError("redis-server did not start on any of 3 free ports")
-        try:
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            _stop(process)
+    """A throwaway ``redis-server`` on a free loopback port, without persistence: its URL
+    (the one the tests and the pytest plugin run, ``engine._redis_server``)."""
+    with RedisServer(redis_server_binary()) as server:
+        yield server.url

@@ -10,28 +10,23 @@ to end: hypercorn, the resolver, a RedisCache on a real redis-server, a real bre
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
-import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 from uuid import UUID, uuid4
 
 import anyio
 import httpx
-import hypercorn.asyncio
-import hypercorn.trio
 import pytest
-from hypercorn.config import Config
-from hypercorn.typing import ASGIFramework
 
 from actors._resolver import TenantResolver, start_tenant_resolver
 from engine import CircuitBreakerConfig, CircuitOpenError, CircuitState, Engine, TenantKey
 from engine.asgi import Message, Receive, Scope, Send, TenantMiddleware
 from engine.cache import CacheUnavailable, RedisCache
 from engine.tenancy import TenantIdentifierValidator, TenantKeyKind
+from tests.asgi_server import served
 from tests.redis_server import RedisServer, redis_server_binary
 
 pytestmark = pytest.mark.anyio
@@ -842,31 +837,6 @@ async def lifespan_app(scope: Scope, receive: Receive, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-Serve = Callable[..., Coroutine[Any, Any, None]]
-
-
-@contextlib.asynccontextmanager
-async def served(app: TenantMiddleware, backend: str) -> AsyncIterator[str]:
-    """Hypercorn on 127.0.0.1 (a free port, bound here first), stopped on the way out."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    config = Config()
-    config.bind = [f"fd://{listener.detach()}"]  # hypercorn takes the socket over
-    config.graceful_timeout = 5.0
-    serve: Serve = hypercorn.trio.serve if backend == "trio" else hypercorn.asyncio.serve
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            functools.partial(serve, cast(ASGIFramework, app), config, shutdown_trigger=stop.wait)
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop.set()
 
 
 async def test_through_hypercorn_with_an_http_client(anyio_backend: str) -> None:

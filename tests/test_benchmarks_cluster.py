@@ -119,7 +119,7 @@ def test_a_missing_redis_server_is_named_with_its_package(monkeypatch: pytest.Mo
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(os, "access", lambda path, mode: False)
 
-    with pytest.raises(RedisServerMissing, match=r"need redis-server, not found on PATH") as error:
+    with pytest.raises(RedisServerMissing, match=r"need redis-server, which is not") as error:
         redis_server_binary()
     assert "apt-get install redis-server" in str(error.value)
 

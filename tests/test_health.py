@@ -6,23 +6,16 @@ asked through a real hypercorn server with httpx.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import re
-import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import httpx
-import hypercorn.asyncio
-import hypercorn.trio
 import pytest
 import trio.testing
-from hypercorn.config import Config
-from hypercorn.typing import ASGIFramework
 
 from engine import (
     Actor,
@@ -37,6 +30,7 @@ from engine import (
 )
 from engine.asgi import ASGIApp, Message, Scope, health_app
 from engine.cluster import RedisStreams
+from tests.asgi_server import served
 from tests.helpers import Gate
 from tests.redis_server import RedisServer, redis_server_binary
 from tests.storage_faults import lock_held, release
@@ -329,31 +323,6 @@ async def test_a_lone_node_without_every_lease_or_without_redis_is_degraded_and_
 
 
 # ------------------------------------------------------------------- the probes
-
-
-Serve = Callable[..., Coroutine[Any, Any, None]]
-
-
-@contextlib.asynccontextmanager
-async def served(app: ASGIApp, backend: str) -> AsyncIterator[str]:
-    """Hypercorn on 127.0.0.1 (a free port, bound here first), stopped on the way out."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    config = Config()
-    config.bind = [f"fd://{listener.detach()}"]  # hypercorn takes the socket over
-    config.graceful_timeout = 5.0
-    serve: Serve = hypercorn.trio.serve if backend == "trio" else hypercorn.asyncio.serve
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            functools.partial(serve, cast(ASGIFramework, app), config, shutdown_trigger=stop.wait)
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop.set()
 
 
 def answer(response: httpx.Response) -> tuple[int, Any]:
