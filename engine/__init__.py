@@ -31,6 +31,7 @@ from ._events import Event as Event
 from ._events import EventDecodeError as EventDecodeError
 from ._events import EventValidationError as EventValidationError
 from ._events import ValidationErrorKind as ValidationErrorKind
+from ._extras import MissingExtra as MissingExtra
 from ._health import Health as Health
 from ._metrics import EngineMetrics as EngineMetrics
 from ._resolver import ResolverStatistics as ResolverStatistics
@@ -90,6 +91,7 @@ __all__ = [
     "EventValidationError",
     "Health",
     "MailboxFull",
+    "MissingExtra",
     "Overflow",
     "PartitionsRebalanced",
     "Restart",

@@ -77,6 +77,7 @@ from ._store import (
     BUSY_TIMEOUT,
     SCHEMA_VERSION,
     connect,
+    forget_positions,
     is_storage_fault,
     parse_age,
     prune_outbox,
@@ -335,7 +336,7 @@ def _prune(args: argparse.Namespace) -> None:
 
 def _forget(args: argparse.Namespace) -> None:
     with _transaction(args.path) as conn:
-        deleted = conn.execute("DELETE FROM tracking WHERE subscriber = ?", (args.name,)).rowcount
+        deleted = forget_positions(conn, args.name)
         if not deleted:
             raise CliError(f"no subscription named {args.name!r} is tracked in {args.path}")
     print(

@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
+from ._errors import EngineError
+
 __all__ = ["MissingExtra", "needs_extra", "needs_redis"]
 
 
-class MissingExtra(ImportError):
-    """A feature was used whose optional dependency is not installed.
+class MissingExtra(EngineError, ImportError):
+    """A feature was used whose optional dependency is not installed (an ``ImportError``,
+    and an ``EngineError`` as every error the engine raises).
 
     The message names the feature, the distribution and the extra that installs
     it; the original ``ImportError`` is chained as ``__cause__``.
