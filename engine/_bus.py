@@ -219,26 +219,45 @@ class EventBus:
     async def close(self, subscription: Subscription, timeout: float | None) -> None:  # noqa: ASYNC109
         """Unsubscribe (``SubscriptionRef.close``): no more events; its partitions
         drain (up to ``timeout``), then stop; a durable one's positions are stored."""
-        if subscription.closed:
-            return
-        runtime = self.runtime
         if current_cell.get() in subscription.cells:
             raise EngineError(
                 f"subscription {subscription.name!r} cannot close itself from its own handler "
                 "(it would wait for itself): close it from outside"
             )
+        while (closing := subscription.closed) is not None:
+            await closing.wait()  # another call closes it
+            if subscription.closed is closing:
+                return  # and it did; else it failed or was cancelled: try here
+        runtime = self.runtime
+        pending = subscription in self._pending  # the engine has not started it
+        if not pending and (runtime.closing or not runtime.running):
+            runtime.refuse()
+        subscription.closed = closed = anyio.Event()
+        try:
+            await self._close(subscription, timeout, pending=pending)
+        except BaseException:
+            subscription.closed = None  # not closed: closing again does the rest
+            raise
+        finally:
+            closed.set()
+
+    async def _close(
+        self,
+        subscription: Subscription,
+        timeout: float | None,  # noqa: ASYNC109
+        *,
+        pending: bool,
+    ) -> None:
+        runtime = self.runtime
         tracking = None if subscription.system else self.tracking
-        if subscription in self._pending:  # the engine has not started it
+        if pending:
             self._pending.remove(subscription)
             runtime.release(subscription.names())
-        elif runtime.closing or not runtime.running:
-            runtime.refuse()
         elif tracking is not None:
             await tracking.halt(subscription)
-        subscription.closed = True
         subscription.live = False
         self.router.remove(subscription)
-        supervisor = self._supervisors.pop(subscription.name, None)
+        supervisor = self._supervisors.get(subscription.name)
         if supervisor is not None:
             with anyio.move_on_after(math.inf if timeout is None else timeout) as waited:
                 for cell in subscription.cells:
@@ -246,6 +265,7 @@ class EventBus:
             # A durable event cut short stays in the outbox ("shutdown"): it comes again.
             reason: DeadLetterReason = "shutdown" if tracking is not None else "stopped"
             await supervisor.terminate(reason, cancel_current=waited.cancelled_caught)
+            del self._supervisors[subscription.name]
         if tracking is not None:
             await tracking.retire(subscription)
 

@@ -28,6 +28,8 @@ from functools import partial
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
+import anyio
+
 from ._actor import Actor, ActorRef, Cell, Tracked
 from ._errors import ActorStopped, MailboxFull
 from ._events import Event
@@ -321,9 +323,9 @@ class Subscription:
         # A projection: ``handler`` is ``projector(tx, event)``, run in the writer.
         self.projector: Projector | None = handler if projection else None
         self.partition_count = partitions
-        # Set by the bus that registers it; ``closed`` once ``close`` began.
+        # Set by the bus that registers it; ``closed`` once ``close`` began (set when it ended).
         self.registry: SubscriptionRegistry | None = None
-        self.closed = False
+        self.closed: anyio.Event | None = None
         self.ref = SubscriptionRef(self)
 
     @property
@@ -472,7 +474,7 @@ class SubscriptionRef:
     @property
     def closed(self) -> bool:
         """``close`` was called: it takes no more events."""
-        return self._subscription.closed
+        return self._subscription.closed is not None
 
     async def close(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Unsubscribe: take no more events, let the partitions handle what their

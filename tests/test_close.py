@@ -276,3 +276,62 @@ async def test_a_closed_projection_keeps_its_position_and_projects_once(tmp_path
     with sqlite3.connect(path) as conn:
         rows = [n for (n,) in conn.execute("SELECT n FROM items ORDER BY n")]
     assert rows == list(range(40))
+
+
+async def test_concurrent_closes_wait_for_the_one_under_way(actorbus_engine: Engine) -> None:
+    gate = anyio.Event()
+    entered = anyio.Event()
+    seen: list[int] = []
+
+    async def slow(event: Item) -> None:
+        entered.set()
+        await gate.wait()
+        seen.append(event.n)
+
+    ref = actorbus_engine.subscribe(Item, handler=slow, name="contended")
+    for n in range(3):
+        actorbus_engine.try_publish(Item(n=n))
+    await entered.wait()
+    returned: list[int] = []
+
+    async def close(caller: int) -> None:
+        await ref.close()
+        returned.append(caller)
+
+    async with anyio.create_task_group() as tg:
+        for caller in range(3):
+            tg.start_soon(close, caller)
+        await anyio.wait_all_tasks_blocked()
+        assert ref.closed
+        assert returned == []  # all wait for the drain
+        gate.set()
+    assert sorted(returned) == [0, 1, 2]
+    assert seen == [0, 1, 2]
+    assert actorbus_engine.dead_letters.count() == 0
+
+
+async def test_a_cancelled_close_can_be_finished_by_closing_again(
+    actorbus_engine: Engine,
+) -> None:
+    gate = anyio.Event()
+    entered = anyio.Event()
+    seen: list[int] = []
+
+    async def slow(event: Item) -> None:
+        entered.set()
+        await gate.wait()
+        seen.append(event.n)
+
+    ref = actorbus_engine.subscribe(Item, handler=slow, name="interrupted")
+    for n in range(2):
+        actorbus_engine.try_publish(Item(n=n))
+    await entered.wait()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await ref.close()
+    assert not ref.closed  # the caller gave up: closing again does the rest
+    gate.set()
+    await ref.close()
+    assert ref.closed
+    assert seen == [0, 1]
+    assert [s.state for s in ref.statistics()] == [ActorState.STOPPED]
