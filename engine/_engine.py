@@ -6,7 +6,6 @@ This module is the only one that imports ``actors``.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -30,8 +29,8 @@ from ._breaker import BreakerRegistry, CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
 from ._cluster import ClusterLink, breaker_config
 from ._deadletters import DeadLetter, DeadLetters
-from ._durable import Outbox, age_seconds
-from ._errors import EngineError
+from ._durable import Outbox
+from ._durable_api import DurableAPI
 from ._events import Event
 from ._health import Health, check_health
 from ._metrics import EngineMetrics, snapshot
@@ -42,7 +41,7 @@ from ._routing import (
     SubscriptionRef,
 )
 from ._runtime import Runtime
-from ._store import Transaction, check_path, check_transact_function
+from ._store import check_path
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
 from ._system import SystemEvent, refuse_unpublishable
 from ._types import Overflow, check_int, check_timeout
@@ -56,7 +55,7 @@ __all__ = ["Engine", "EngineMetrics"]
 logger = logging.getLogger("actorbus.engine")
 
 
-class Engine(Spawner):
+class Engine(Spawner, DurableAPI):
     """An actor engine embedded in any anyio, trio or asyncio program.
 
     ``async with Engine() as engine:`` starts it; leaving the block drains what
@@ -256,13 +255,6 @@ class Engine(Spawner):
         """``ok``, ``degraded`` or ``failing``, a reason per finding (``asgi.health_app``)."""
         return check_health(self._runtime, self.metrics, self.backpressure, self.cluster)
 
-    async def forget(self, name: str) -> int:
-        """Drop the stored positions of a retired durable subscription or projection, as
-        ``python -m engine forget`` does; returns how many it had (``KeyError``: none;
-        ``ValueError`` while one of that name is registered here: close it first)."""
-        self._bus.check_retired(name)
-        return await self._require_outbox("forget").forget(name)
-
     async def idle(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Return once nothing is in flight (every mailbox empty and no handler, retry,
         write or catch-up under way, no event holding a slot; in a cluster, what committed
@@ -313,26 +305,6 @@ class Engine(Spawner):
             scope=scope,
         )
 
-    def project(
-        self,
-        *event_types: type[Event],
-        projector: Callable[[Transaction, Any], None],
-        name: str,
-        max_attempts: int = 3,
-        capacity: int = 1000,
-    ) -> SubscriptionRef:
-        """A durable projection: ``projector(tx, event)`` runs in the database thread.
-
-        It runs inside the transaction that also moves the projection's
-        position, so its writes to the same database happen exactly once, even
-        across crashes. A failing projector is retried in place (a savepoint
-        per attempt) up to ``max_attempts``, then the event is dead-lettered in
-        that same transaction. Needs a database.
-        """
-        return self._bus.project(
-            event_types, projector, name=name, max_attempts=max_attempts, capacity=capacity
-        )
-
     def _check_event(self, event: object) -> None:
         if not isinstance(event, Event) or isinstance(event, SystemEvent):
             refuse_unpublishable(event, "publish")
@@ -360,40 +332,6 @@ class Engine(Spawner):
         if not runtime.accepting:
             runtime.check_publishing()
         self._bus.try_publish(event)
-
-    # ------------------------------------------------------------- durable API
-
-    def _require_outbox(self, what: str) -> Outbox:
-        outbox = self._outbox
-        if outbox is None:
-            raise EngineError(f"{what} needs a database: use Engine('app.db')")
-        self._runtime.check_publishing()
-        return outbox
-
-    async def transact(self, fn: Callable[[Transaction], _T]) -> _T:
-        """Run ``fn(tx)`` in the database thread inside one transaction; return its result.
-
-        ``tx.db`` is a ``sqlite_utils.Database`` on that transaction and
-        ``tx.publish(event)`` appends a validated event to the outbox in it.
-        If ``fn`` raises, its writes and its events roll back together and the
-        error is raised here. Concurrent calls share one commit (group commit)
-        with a savepoint each; this returns once the commit holding the work
-        is durable. Needs a database (``EngineError`` otherwise).
-        """
-        check_transact_function(fn)
-        result: _T = await self._require_outbox("transact").transact(fn)
-        return result
-
-    async def prune(self, *, older_than: float | dt.timedelta) -> int:
-        """Delete outbox events older than ``older_than`` that every subscription passed.
-
-        ``older_than`` is seconds or a ``timedelta``. Positions are as last
-        checkpointed, so an event is never pruned before every durable
-        subscription (and projection) finished it. Sequence numbers are never
-        reused. Returns how many events were deleted.
-        """
-        age_seconds(older_than)
-        return await self._require_outbox("prune").prune(older_than)
 
     async def _replay(self, letter: DeadLetter) -> None:
         await self._bus.redeliver(letter)
