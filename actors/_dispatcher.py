@@ -12,6 +12,7 @@ from engine._actor import Actor, bind
 from engine._cancel import as_failure
 from engine._events import Event
 from engine._routing import Delivery, OutboxRoutes, Router, Subscription
+from engine._tracing import Tracing, event_attributes, finish_span
 
 __all__ = ["ActorSubscriber", "Dispatcher", "FunctionSubscriber"]
 
@@ -78,13 +79,21 @@ class FunctionSubscriber(Actor):
     needed. A message is a ``Delivery`` or a bare event (see ``engine._routing``).
     """
 
-    def __init__(self, subscription: Subscription, handler: EventHandler) -> None:
+    def __init__(self, subscription: Subscription, handler: EventHandler, tracing: Tracing) -> None:
         self.subscription = subscription
         self.handler = handler
         self.finished = subscription.finished
+        self.tracing = tracing
 
     async def receive(self, message: Delivery | Event) -> None:
-        event = message.event if type(message) is Delivery else message
+        event: Any
+        if type(message) is Delivery:
+            if self.tracing.on:
+                await self._traced(message)
+                return
+            event = message.event
+        else:
+            event = message
         try:
             await self.handler(event)
         except BaseException as exc:
@@ -98,7 +107,30 @@ class FunctionSubscriber(Actor):
         assert cell is not None
         self.finished(cell, message)
 
-    async def _retry(self, message: Delivery | Event, event: Any, error: Exception) -> None:
+    async def _traced(self, delivery: Delivery) -> None:
+        """``receive`` in a ``handle {subscription}`` span, child of the event's trace."""
+        cell = self._actorbus_cell
+        assert cell is not None
+        event = delivery.event
+        attributes = event_attributes(event, delivery.seq)
+        attributes["actorbus.partition"] = cell.name
+        name = f"handle {self.subscription.name}"
+        with self.tracing.span(name, attributes, delivery.trace) as span:
+            try:
+                await self.handler(event)
+            except BaseException as exc:
+                error = as_failure(exc)
+                if error is None:
+                    raise
+                span.record_exception(error)
+                await self._retry(delivery, event, error, span)
+                return
+            finish_span(span, 1)
+            self.finished(cell, delivery)
+
+    async def _retry(
+        self, message: Delivery | Event, event: Any, error: Exception, span: Any = None
+    ) -> None:
         sub = self.subscription
         attempts = 1
         while attempts < sub.max_attempts:
@@ -111,21 +143,29 @@ class FunctionSubscriber(Actor):
                 if failure is None:
                     raise
                 error = failure
+                if span is not None:
+                    span.record_exception(error)
                 continue
             cell = self._actorbus_cell
             assert cell is not None
+            if span is not None:
+                finish_span(span, attempts)
             sub.finished(cell, message)
             return
         cell = self._actorbus_cell
         assert cell is not None
         cell.failed += attempts
+        if span is not None:
+            finish_span(span, attempts, error)
         cell.dead_letter(message, "failed", error, attempts)
 
 
 class ActorSubscriber(Actor):
     """Wraps a user's Actor so that it receives the event and its delivery is tracked."""
 
-    def __init__(self, subscription: Subscription, factory: Callable[[], Actor]) -> None:
+    def __init__(
+        self, subscription: Subscription, factory: Callable[[], Actor], tracing: Tracing
+    ) -> None:
         inner = factory()
         if not isinstance(inner, Actor):
             raise TypeError(
@@ -133,6 +173,7 @@ class ActorSubscriber(Actor):
             )
         self.subscription = subscription
         self.inner = inner
+        self.tracing = tracing
 
     async def on_start(self) -> None:
         bind(self.inner, self._actorbus_cell)
@@ -146,9 +187,17 @@ class ActorSubscriber(Actor):
         await self.inner.on_restart(error)
 
     async def receive(self, message: Delivery | Event) -> Any:
-        event = message.event if type(message) is Delivery else message
-        result = await self.inner.receive(event)
         cell = self._actorbus_cell
         assert cell is not None
+        if type(message) is Delivery and self.tracing.on:
+            # A failure restarts the actor and retries: each attempt is a span of its own.
+            attributes = event_attributes(message.event, message.seq)
+            attributes["actorbus.partition"] = cell.name
+            name = f"handle {self.subscription.name}"
+            with self.tracing.span(name, attributes, message.trace):
+                result = await self.inner.receive(message.event)
+        else:
+            event = message.event if type(message) is Delivery else message
+            result = await self.inner.receive(event)
         self.subscription.finished(cell, message)
         return result

@@ -28,6 +28,7 @@ from ._cancel import is_stray_cancellation
 from ._errors import EngineError
 from ._runtime import RESERVED_PREFIX, Runtime
 from ._system import BreakerStateChanged, Emit, ignore
+from ._tracing import Tracing
 
 __all__ = [
     "BreakerMetrics",
@@ -199,6 +200,7 @@ class CircuitBreaker:
         "_requests",
         "_successes",
         "_timeout",
+        "_tracing",
         "config",
         "emit",
         "generation",
@@ -216,6 +218,8 @@ class CircuitBreaker:
         self.transitions = 0
         # Each change of state goes out as a BreakerStateChanged (engine._system).
         self.emit: Emit = ignore
+        # Set when the engine traces (engine._tracing): every call runs in a span.
+        self._tracing: Tracing | None = None
         self._actor: ActorRef[Any] | None = None
         self._requests = 0
         self._successes = 0
@@ -233,6 +237,12 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.generation.state.value}>"
+
+    def trace(self, tracing: Tracing) -> None:
+        """The engine traces: each call runs in a ``breaker {name}`` span (off the fast path)."""
+        if tracing.on:
+            self._tracing = tracing
+            self._fast = False
 
     # ------------------------------------------------------------- calls
 
@@ -258,14 +268,33 @@ class CircuitBreaker:
             if generation.failures:
                 generation.failures = 0
             return result
+        tracing = self._tracing
+        if tracing is not None:
+            attributes = {"actorbus.breaker.state": generation.state.value}
+            with tracing.span(f"breaker {self.name}", attributes):
+                return await self._guarded(generation, fn, args, kwargs)
+        return await self._guarded(generation, fn, args, kwargs)
+
+    async def _guarded(
+        self,
+        generation: Generation,
+        fn: Callable[..., Awaitable[_T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _T:
+        """A call off the closed fast path: with a ``call_timeout`` or a span, or not closed."""
         if generation.state is _CLOSED:
-            # Closed with a call_timeout: the same, under a cancel scope with a deadline.
+            # The fast path's work; with a call_timeout under a cancel scope with a deadline.
             self._requests += 1
             try:
-                with anyio.CancelScope(deadline=anyio.current_time() + self._timeout) as scope:
-                    result = await (fn(*args, **kwargs) if args or kwargs else fn())
-                if scope.cancelled_caught:
-                    self._too_slow()
+                if self.config.call_timeout is None:
+                    result = await fn(*args, **kwargs)
+                else:
+                    deadline = anyio.current_time() + self._timeout
+                    with anyio.CancelScope(deadline=deadline) as scope:
+                        result = await fn(*args, **kwargs)
+                    if scope.cancelled_caught:
+                        self._too_slow()
             except BaseException as error:
                 self._outcome(generation, error)
                 raise
@@ -415,6 +444,7 @@ class BreakerRegistry:
         self._breakers: dict[str, CircuitBreaker] = {}
         # Given to every breaker it makes (``CircuitBreaker.emit``).
         self.emit: Emit = ignore
+        self.tracing = Tracing()
 
     def get(self, name: str, config: CircuitBreakerConfig | None) -> CircuitBreaker:
         """The breaker for ``name`` (made on first use; ``ValueError`` for another config)."""
@@ -445,6 +475,8 @@ class BreakerRegistry:
             self._start(breaker)
 
     def _start(self, breaker: CircuitBreaker) -> None:
+        if not breaker.name.startswith(RESERVED_PREFIX):  # the engine's own calls: no spans
+            breaker.trace(self.tracing)
         cell = self._runtime.start_builtin_soon(
             self._make_actor(breaker), name=f"{RESERVED_PREFIX}breaker.{breaker.name}", capacity=64
         )

@@ -39,6 +39,7 @@ from ._routing import (
 from ._runtime import RESERVED_PREFIX, Runtime
 from ._supervision import ChildSpec, Supervisor, check_name
 from ._system import SystemEvent, is_system
+from ._tracing import Tracing
 from ._types import Backoff, DeadLetterReason, Overflow, Restart, Strategy
 
 __all__ = ["DISPATCHER", "RELAY", "EventBus", "Tracking"]
@@ -73,9 +74,14 @@ class Tracking(Protocol):
 class DurablePublisher(Protocol):
     """With a database, publishing goes through the outbox (``Outbox``)."""
 
-    async def publish(self, event: Event, timeout: float | None) -> None: ...  # noqa: ASYNC109
+    async def publish(
+        self,
+        event: Event,
+        timeout: float | None,  # noqa: ASYNC109
+        trace: str | None = None,
+    ) -> None: ...
 
-    def try_publish(self, event: Event) -> None: ...
+    def try_publish(self, event: Event, trace: str | None = None) -> None: ...
 
 
 class EventBus:
@@ -87,6 +93,7 @@ class EventBus:
         config: BackpressureConfig,
         dead_letters: DeadLetterRecorder,
         subscriber: Callable[[Subscription], Callable[[], Actor]],
+        tracing: Tracing,
     ) -> None:
         self.runtime = runtime
         self.config = config
@@ -104,6 +111,7 @@ class EventBus:
         self.dispatcher: Cell | None = None
         self.tracking: Tracking | None = None
         self.durable: DurablePublisher | None = None
+        self.tracing = tracing
         # With a cluster: its partition count (a cluster-scope subscription has one
         # actor per partition), and subscriptions are in cluster scope by default.
         self.cluster_partitions: int | None = None
@@ -316,7 +324,7 @@ class EventBus:
 
     # ------------------------------------------------------------- publishing
 
-    def send(self, event: Event) -> None:
+    def send(self, event: Event, trace: str | None = None) -> None:
         """Hand an in-memory ``event`` (holding a slot) on.
 
         With the dispatcher idle (nothing queued before it, nothing in hand) it
@@ -326,10 +334,10 @@ class EventBus:
         """
         dispatcher = self.dispatcher
         assert dispatcher is not None
-        if dispatcher.idle and self.router.route_now(event, self.routes):
+        if dispatcher.idle and self.router.route_now(event, self.routes, trace):
             dispatcher.processed += 1  # routed on its behalf: its count stays "events routed"
             return
-        self.dispatch(Delivery(event, self.routes))
+        self.dispatch(Delivery(event, self.routes, trace=trace))
 
     def dispatch(self, delivery: Delivery) -> None:
         """Hand ``delivery`` (holding a slot) to the dispatcher's mailbox."""
@@ -345,24 +353,30 @@ class EventBus:
             controller.give_back()
             raise BackpressureError("the dispatcher mailbox is full")
 
-    async def publish(self, event: Event, timeout: float | None) -> None:  # noqa: ASYNC109
+    async def publish(
+        self,
+        event: Event,
+        timeout: float | None,  # noqa: ASYNC109
+        trace: str | None = None,
+    ) -> None:
         """Take a slot (waiting while CRITICAL, up to ``timeout``) and send ``event``
-        (with a database: commit it to the outbox, whose relay takes the slot)."""
+        (with a database: commit it to the outbox, whose relay takes the slot);
+        ``trace``: the context it carries (engine._tracing)."""
         if self.durable is not None:
-            await self.durable.publish(event, timeout)
+            await self.durable.publish(event, timeout, trace)
             return
         controller = self.controller
         if not controller.try_acquire():
             await controller.acquire(timeout)
-        self.send(event)
+        self.send(event, trace)
 
-    def try_publish(self, event: Event) -> None:
+    def try_publish(self, event: Event, trace: str | None = None) -> None:
         if self.durable is not None:
-            self.durable.try_publish(event)
+            self.durable.try_publish(event, trace)
             return
         if not self.controller.try_acquire():
             self.refuse_critical()
-        self.send(event)
+        self.send(event, trace)
 
     async def redeliver(self, letter: DeadLetter) -> None:
         """Replay ``letter``: an event to its subscription (or, the relay's, to every

@@ -38,6 +38,7 @@ from ._events import Event
 from ._routing import Delivery, Subscription
 from ._runtime import Runtime
 from ._store import (
+    Committed,
     Durability,
     OutboxRow,
     Request,
@@ -51,6 +52,7 @@ from ._store import (
     read_outbox,
     storage_fault_in,
 )
+from ._tracing import event_attributes
 
 __all__ = [
     "RELAY",
@@ -170,11 +172,11 @@ class RelayState:
     def __init__(self, head: int) -> None:
         self.head = head
         self.cursor = head
-        self.tail: collections.deque[tuple[int, Event]] = collections.deque()
+        self.tail: collections.deque[Committed] = collections.deque()
         # The tail holds every committed event after this seq.
         self.tail_from = head
 
-    def committed(self, events: list[tuple[int, Event]]) -> None:
+    def committed(self, events: list[Committed]) -> None:
         first = events[0][0]
         tail = self.tail
         last = tail[-1][0] if tail else self.tail_from
@@ -189,7 +191,7 @@ class RelayState:
         if events[-1][0] > self.head:
             self.head = events[-1][0]
 
-    def take(self) -> list[tuple[int, Event]] | None:
+    def take(self) -> list[Committed] | None:
         """The events after the cursor held in memory; None if they must be read."""
         if self.cursor < self.tail_from:
             return None
@@ -368,21 +370,28 @@ class Outbox:
 
     # ------------------------------------------------------------ writing
 
-    async def transact(self, fn: Callable[[Transaction], Any]) -> Any:
-        return await self.store.call(fn)
+    async def transact(self, fn: Callable[[Transaction], Any], trace: str | None = None) -> Any:
+        return await self.store.call(fn, trace=trace)
 
-    async def publish(self, event: Event, timeout: float | None) -> None:  # noqa: ASYNC109
+    async def publish(
+        self,
+        event: Event,
+        timeout: float | None,  # noqa: ASYNC109
+        trace: str | None = None,
+    ) -> None:
         """Commit ``event`` (already validated); the relay takes its slot when it
         dispatches. Publishers still wait while CRITICAL."""
         await self.bus.controller.admit(timeout)
-        await self.store.call(lambda tx: tx.publish(event), kind="events")
+        await self.store.call(lambda tx: tx.publish(event), kind="events", trace=trace)
 
-    def try_publish(self, event: Event) -> None:
+    def try_publish(self, event: Event, trace: str | None = None) -> None:
         """Hand ``event`` to the writer without waiting."""
         bus = self.bus
         if bus.controller.state is BackpressureState.CRITICAL:
             bus.refuse_critical()
-        if not self.store.submit(Request(lambda tx: tx.publish(event), kind="events")):
+        request = Request(lambda tx: tx.publish(event), kind="events")
+        request.trace = trace
+        if not self.store.submit(request):
             bus.controller.reject()
             raise BackpressureError(
                 f"the outbox writer has {self.store.max_pending} writes waiting for a commit"
@@ -394,7 +403,7 @@ class Outbox:
         deleted: int = await self.store.call(lambda tx: prune_outbox(tx.conn, cutoff))
         return deleted
 
-    def _committed(self, events: list[tuple[int, Event]]) -> None:
+    def _committed(self, events: list[Committed]) -> None:
         self.state.committed(events)
         self.wake_relay()
 
@@ -434,16 +443,16 @@ class Outbox:
                         await self._undecodable(RELAY, row)
                     # Even an undecodable row goes through the dispatcher (as a
                     # marker), so the live subscriptions' positions pass it in order.
-                    await self._dispatch(row.seq, row.event)
+                    await self._dispatch(row.seq, row.event, row.trace)
                 continue
             if not events:
                 return
-            for seq, event in events:
+            for seq, event, trace in events:
                 if runtime.stopping:
                     return
-                await self._dispatch(seq, event)
+                await self._dispatch(seq, event, trace)
 
-    async def _dispatch(self, seq: int, event: Event | None) -> None:
+    async def _dispatch(self, seq: int, event: Event | None, trace: str | None) -> None:
         state = self.state
         if seq <= state.cursor:
             return
@@ -459,7 +468,7 @@ class Outbox:
             await controller.acquire(None)
         self.routing += 1
         try:
-            bus.dispatch(Delivery(event, bus.routes, seq=seq))  # type: ignore[arg-type]
+            bus.dispatch(Delivery(event, bus.routes, seq=seq, trace=trace))  # type: ignore[arg-type]
         except BaseException:
             self.routing -= 1
             raise
@@ -640,7 +649,7 @@ class Outbox:
             return
         if not subscription.matches(type(event)):
             return
-        delivery = Delivery(event, self.bus.free_routes, seq=row.seq)
+        delivery = Delivery(event, self.bus.free_routes, seq=row.seq, trace=row.trace)
         delivery.routed = True  # handed straight to the partition, not via the dispatcher
         try:
             index = subscription.index(event)
@@ -756,6 +765,7 @@ class Outbox:
         name = subscription.name
         attempts = subscription.max_attempts
         event = delivery.event
+        tracing = self.bus.tracing
 
         def apply(tx: Transaction) -> Any:
             conn = tx.conn
@@ -764,8 +774,18 @@ class Outbox:
             ).fetchone()
             if row is not None and row[0] >= seq:
                 return None  # applied before a crash: exactly once
-            error = run_projector(tx, projector, event, attempts)
-            return self._projected(tx, subscription, event, seq, error)
+            if not tracing.on:
+                error = run_projector(tx, projector, event, attempts)
+                return self._projected(tx, subscription, event, seq, error)
+            attributes = event_attributes(event, seq)
+            with tracing.span(f"project {name}", attributes, delivery.trace) as span:
+                error = run_projector(tx, projector, event, attempts)
+                outcome = "applied" if error is None else "dead-lettered"
+                span.set_attribute("actorbus.outcome", outcome)
+                if error is not None:
+                    span.record_exception(error)
+                    span.add_event("actorbus.dead_letter", {"actorbus.reason": "failed"})
+                return self._projected(tx, subscription, event, seq, error)
 
         def done(request: Request) -> None:
             then()
@@ -774,7 +794,9 @@ class Outbox:
                 return
             self._settle(cell, delivery, request.result)
 
-        self.store.submit(Request(apply, done, kind="projection"), bounded=False)
+        request = Request(apply, done, kind="projection")
+        request.trace = delivery.trace  # what its projector publishes continues the trace
+        self.store.submit(request, bounded=False)
 
     def _projected(
         self,

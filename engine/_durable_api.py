@@ -17,6 +17,7 @@ from ._events import Event
 from ._routing import SubscriptionRef
 from ._runtime import Runtime
 from ._store import Transaction, check_transact_function
+from ._tracing import Tracing
 
 __all__ = ["DurableAPI"]
 
@@ -29,6 +30,7 @@ class DurableAPI:
     _bus: EventBus
     _outbox: Outbox | None
     _runtime: Runtime
+    _tracing: Tracing
 
     def project(
         self,
@@ -68,7 +70,13 @@ class DurableAPI:
         is durable. Needs a database (``EngineError`` otherwise).
         """
         check_transact_function(fn)
-        result: _T = await self._require_outbox("transact").transact(fn)
+        outbox = self._require_outbox("transact")
+        tracing = self._tracing
+        if tracing.on:
+            with tracing.span("transact", {}):
+                traced: _T = await outbox.transact(fn, tracing.context())
+            return traced
+        result: _T = await outbox.transact(fn)
         return result
 
     async def prune(self, *, older_than: float | dt.timedelta) -> int:

@@ -44,6 +44,7 @@ from ._runtime import Runtime
 from ._store import check_path
 from ._supervision import Spawner, Supervisor, SupervisorRef, check_name
 from ._system import SystemEvent, refuse_unpublishable
+from ._tracing import Tracing, event_attributes
 from ._types import Overflow, check_int, check_timeout
 from .cluster import RedisStreams, check_cluster
 
@@ -86,6 +87,7 @@ class Engine(Spawner, DurableAPI):
         storage_timeout: float = 5.0,
         start_timeout: float | None = None,
         cluster: RedisStreams | None = None,
+        tracer_provider: object | None = None,
     ) -> None:
         path = check_path(database)
         check_cluster(cluster, path)
@@ -104,7 +106,9 @@ class Engine(Spawner, DurableAPI):
         self.dead_letters = DeadLetters(self._replay, max_entries=dead_letter_limit)
         runtime = Runtime(self.dead_letters, shutdown_timeout=self.shutdown_timeout)
         self._runtime = runtime
-        self._bus = EventBus(runtime, backpressure, self.dead_letters, self._subscriber)
+        # OpenTelemetry (engine._tracing): this provider, or the global one at start.
+        self._tracing = tracing = Tracing(tracer_provider)
+        self._bus = EventBus(runtime, backpressure, self.dead_letters, self._subscriber, tracing)
         self._breakers = BreakerRegistry(
             runtime, lambda breaker: lambda: BreakerActor(breaker, runtime.start_task)
         )
@@ -112,6 +116,7 @@ class Engine(Spawner, DurableAPI):
         emit = self._bus.emit
         runtime.emit = self._bus.controller.emit = self.dead_letters.emit = emit
         self._breakers.emit = emit
+        self._breakers.tracing = tracing
         self.cluster = cluster
         self._outbox: Outbox | None = None
         self._link: ClusterLink | None = None
@@ -143,8 +148,8 @@ class Engine(Spawner, DurableAPI):
             return lambda: ProjectionSubscriber(outbox, subscription)
         handler = subscription.handler
         if subscription.is_function:
-            return lambda: FunctionSubscriber(subscription, handler)
-        return lambda: ActorSubscriber(subscription, handler)
+            return lambda: FunctionSubscriber(subscription, handler, self._tracing)
+        return lambda: ActorSubscriber(subscription, handler, self._tracing)
 
     # ---------------------------------------------------------- context manager
 
@@ -162,6 +167,7 @@ class Engine(Spawner, DurableAPI):
             if outbox is not None:
                 relay = (lambda: Forwarder(link)) if link is not None else (lambda: Relay(outbox))
                 await outbox.start_relay(relay)
+            self._tracing.start()
             self._breakers.start()
             self._bus.start_subscriptions()
         except BaseException as exc:
@@ -320,6 +326,11 @@ class Engine(Spawner, DurableAPI):
             check_timeout(timeout, "timeout")
         self._check_event(event)
         self._runtime.check_publishing()
+        tracing = self._tracing
+        if tracing.on:
+            with tracing.span("publish", event_attributes(event)):
+                await self._bus.publish(event, timeout, tracing.context())
+            return
         await self._bus.publish(event, timeout)
 
     def try_publish(self, event: Event) -> None:
@@ -331,6 +342,11 @@ class Engine(Spawner, DurableAPI):
         runtime = self._runtime
         if not runtime.accepting:
             runtime.check_publishing()
+        tracing = self._tracing
+        if tracing.on:
+            with tracing.span("publish", event_attributes(event)):
+                self._bus.try_publish(event, tracing.context())
+            return
         self._bus.try_publish(event)
 
     async def _replay(self, letter: DeadLetter) -> None:

@@ -162,6 +162,7 @@ class Delivery(Tracked):
         "routes",
         "seq",
         "subscription",
+        "trace",
         "undelivered",
     )
 
@@ -172,9 +173,12 @@ class Delivery(Tracked):
         subscription: Subscription | None = None,
         seq: int | None = None,
         entry: str | None = None,
+        trace: str | None = None,
     ) -> None:
         self.event = event
         self.routes = routes
+        # The trace context current when it was published (engine._tracing), or None.
+        self.trace = trace
         # The outbox position of a durable event (None in memory and for replays).
         self.seq = seq
         # The stream entry id of an event read from a cluster stream.
@@ -558,14 +562,14 @@ class Router:
             self._routes[event_type] = routes
             return routes
 
-    def route_now(self, event: Event, routes: Routes) -> bool:
+    def route_now(self, event: Event, routes: Routes, trace: str | None = None) -> bool:
         """Route an in-memory ``event`` (holding a slot) without waiting, as the dispatcher would.
 
         Only when every matching subscription's partition has room in its mailbox
         (and its key function answers): then each takes it now and this returns
         True. Otherwise nothing is queued and it returns False: the dispatcher
         does it, waiting where it must. An event bound for one mailbox goes
-        there bare; for several, in one ``Delivery``.
+        there bare; for several, or with a ``trace`` to carry, in one ``Delivery``.
         """
         try:
             subscriptions = self._routes[type(event)]
@@ -584,7 +588,12 @@ class Router:
                     return False  # the dispatcher dead-letters it for that subscription
             if not cell.has_room():
                 return False
-            cell.enqueue(event)
+            if trace is None:
+                cell.enqueue(event)
+            else:
+                traced = Delivery(event, routes, trace=trace)
+                traced.routed = True
+                cell.enqueue(traced)
             return True
         if not subscriptions:
             routes.release()
@@ -598,7 +607,7 @@ class Router:
             if not cell.has_room():
                 return False
             picked.append(cell)
-        delivery = Delivery(event, routes)
+        delivery = Delivery(event, routes, trace=trace)
         delivery.routed = True
         delivery.remaining = len(picked)
         for cell in picked:

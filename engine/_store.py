@@ -130,11 +130,18 @@ CREATE TABLE IF NOT EXISTS cluster_applied (
     PRIMARY KEY (subscriber, partition, producer)
 );
 """
-_ADDED_COLUMNS: Final = (("dead_letters", "entry", "TEXT"),)
+_ADDED_COLUMNS: Final = (
+    ("dead_letters", "entry", "TEXT"),
+    # The W3C trace context current when the event was published (engine._tracing).
+    ("outbox", "trace", "TEXT"),
+)
 
 _INSERT_OUTBOX: Final = (
-    "INSERT INTO outbox (id, type, tenant_id, payload, created_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (id, type, tenant_id, payload, created_at, trace) VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+Committed = tuple[int, Event, str | None]
+"""A committed event as the relay gets it: its seq, the event, its trace context."""
 _BEGIN: Final = "BEGIN IMMEDIATE"
 _COMMIT: Final = "COMMIT"
 _ROLLBACK: Final = "ROLLBACK"
@@ -336,12 +343,19 @@ class Transaction:
     Committing or rolling back from inside is refused.
     """
 
-    __slots__ = ("_depth", "_events", "_now", "_raw", "conn", "db")
+    __slots__ = ("_depth", "_events", "_now", "_raw", "_trace", "conn", "db")
 
     def __init__(
-        self, raw: sqlite3.Connection, conn: Any, db: sqlite_utils.Database, now: float
+        self,
+        raw: sqlite3.Connection,
+        conn: Any,
+        db: sqlite_utils.Database,
+        now: float,
+        trace: str | None = None,
     ) -> None:
         self._raw = raw
+        # The trace context of the call that runs in it, stored with its events.
+        self._trace = trace
         self._now = now  # one clock read per batch: the outbox's created_at
         self.conn: sqlite3.Connection = conn
         """The connection (guarded: it refuses statements once the transaction ended)."""
@@ -371,6 +385,7 @@ class Transaction:
                 None if tenant is None else str(tenant),
                 encode(event),
                 self._now,
+                self._trace,
             ),
         )
         seq = cursor.lastrowid
@@ -518,6 +533,7 @@ class Request:
         "on_done",
         "result",
         "taken",
+        "trace",
         "waiter",
     )
 
@@ -541,6 +557,8 @@ class Request:
         self.finished = False
         self.deadline: float | None = None
         self.waiter: anyio.Event | None = None
+        # The caller's trace context (engine._tracing), kept with the events it publishes.
+        self.trace: str | None = None
 
 
 class StorageMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -629,7 +647,7 @@ class Store:
         *,
         durability: Durability,
         max_pending: int,
-        on_commit: Callable[[list[tuple[int, Event]]], None],
+        on_commit: Callable[[list[Committed]], None],
         on_busy: Callable[[], None] = lambda: None,
         on_idle: Callable[[], None] = lambda: None,
         timeout: float = 5.0,
@@ -913,10 +931,11 @@ class Store:
     def _finish(self, requests: list[Request]) -> None:
         if not requests:
             return
-        committed: list[tuple[int, Event]] = []
+        committed: list[Committed] = []
         for request in requests:
             if request.error is None:
-                committed.extend(request.events)
+                trace = request.trace
+                committed.extend((seq, event, trace) for seq, event in request.events)
         if committed:
             self.on_commit(committed)
         for request in requests:
@@ -952,7 +971,12 @@ class Store:
         return True
 
     async def call(
-        self, fn: Callable[[Transaction], Any], *, kind: str = "write", background: bool = False
+        self,
+        fn: Callable[[Transaction], Any],
+        *,
+        kind: str = "write",
+        background: bool = False,
+        trace: str | None = None,
     ) -> Any:
         """Run ``fn(tx)`` in the next group commit; return its result after the COMMIT.
 
@@ -964,6 +988,7 @@ class Store:
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         request = Request(fn, kind=kind)
+        request.trace = trace
         handed = False
         if (
             self._parked
@@ -1100,7 +1125,7 @@ class Store:
         now = time.time()
         begin_call, release_call, undo_call = self._savepoint_sql
         for index, request in enumerate(requests):
-            tx = Transaction(conn, guarded, db, now)
+            tx = Transaction(conn, guarded, db, now, request.trace)
             if savepoints:
                 _execute(conn, begin_call)
             guard.active = True
@@ -1266,7 +1291,7 @@ def _execute(conn: sqlite3.Connection, sql: str) -> None:
 class OutboxRow:
     """An outbox row read back: its seq and the event, or why it cannot be decoded."""
 
-    __slots__ = ("error", "event", "payload", "seq", "type")
+    __slots__ = ("error", "event", "payload", "seq", "trace", "type")
 
     def __init__(
         self,
@@ -1275,7 +1300,9 @@ class OutboxRow:
         payload: bytes,
         event: Event | None,
         error: BaseException | None,
+        trace: str | None = None,
     ) -> None:
+        self.trace = trace
         self.seq = seq
         self.type = type_
         self.payload = payload
@@ -1286,11 +1313,11 @@ class OutboxRow:
 def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[OutboxRow]:
     """Rows with ``seq > after`` in order, decoded (a row that fails carries its error)."""
     rows = conn.execute(
-        "SELECT seq, type, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+        "SELECT seq, type, payload, trace FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
         (after, limit),
     ).fetchall()
     out: list[OutboxRow] = []
-    for seq, type_, payload in rows:
+    for seq, type_, payload, trace in rows:
         # Another tool may have stored text (or worse): it is dead-lettered, not fatal.
         if not isinstance(payload, bytes):
             payload = str(payload).encode("utf-8", "surrogateescape")
@@ -1299,7 +1326,9 @@ def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[Outbox
             error: BaseException | None = None
         except Exception as exc:
             event, error = None, exc
-        out.append(OutboxRow(seq, str(type_), payload, event, error))
+        if not isinstance(trace, str):  # absent, or another tool's value
+            trace = None
+        out.append(OutboxRow(seq, str(type_), payload, event, error, trace))
     return out
 
 

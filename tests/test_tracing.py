@@ -1,0 +1,206 @@
+"""OpenTelemetry tracing: one trace from the publishing request to every handler,
+in memory, through the outbox and across a restart; real SDK, in-memory exporter."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from engine import CircuitBreakerConfig, Engine, Event
+from engine.events import encode
+
+pytestmark = pytest.mark.anyio
+
+
+class Paid(Event, tag="t15.tracing.paid"):
+    n: int
+
+
+class Traced:
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = self.provider.get_tracer("test")
+
+    def spans(self) -> dict[str, ReadableSpan]:
+        return {span.name: span for span in self.exporter.get_finished_spans()}
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    tracing = Traced()
+    yield tracing
+    tracing.provider.shutdown()
+
+
+def _parent(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def _recorder(seen: list[Any]) -> Any:
+    async def handle(event: Any) -> None:
+        seen.append(event)
+
+    return handle
+
+
+async def test_a_handler_runs_in_the_trace_that_published_its_event(traced: Traced) -> None:
+    seen: list[Paid] = []
+    async with Engine(tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=_recorder(seen), name="billing", partitions=2)
+        with traced.tracer.start_as_current_span("request"):
+            await engine.publish(Paid(n=1))
+            engine.try_publish(Paid(n=2))
+        await engine.idle()
+    assert [event.n for event in seen] in ([1, 2], [2, 1])
+    finished = traced.exporter.get_finished_spans()
+    request = next(span for span in finished if span.name == "request")
+    publishes = [span for span in finished if span.name == "publish"]
+    handles = [span for span in finished if span.name == "handle billing"]
+    assert len(publishes) == len(handles) == 2
+    trace_id = request.context.trace_id
+    assert {span.context.trace_id for span in publishes + handles} == {trace_id}
+    assert {_parent(span) for span in publishes} == {request.context.span_id}
+    assert {_parent(span) for span in handles} == {span.context.span_id for span in publishes}
+    for span in handles:
+        assert span.attributes is not None
+        assert span.attributes["actorbus.event.type"] == "t15.tracing.paid"
+        assert span.attributes["actorbus.outcome"] == "handled"
+        assert span.attributes["actorbus.attempt"] == 1
+        assert str(span.attributes["actorbus.partition"]).startswith("billing#")
+
+
+async def test_one_trace_runs_through_transact_the_outbox_a_projection_and_a_handler(
+    traced: Traced, tmp_path: Path
+) -> None:
+    path = tmp_path / "app.db"
+    seen: list[Paid] = []
+
+    def project(tx: Any, event: Paid) -> None:
+        tx.db["paid"].insert({"n": event.n})
+
+    async with Engine(path, tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=_recorder(seen), name="billing")
+        engine.project(Paid, projector=project, name="ledger")
+        with traced.tracer.start_as_current_span("request"):
+            await engine.transact(lambda tx: tx.publish(Paid(n=7)))
+        await engine.idle()
+    spans = traced.spans()
+    request, transact = spans["request"], spans["transact"]
+    handle, projection = spans["handle billing"], spans["project ledger"]
+    trace_id = request.context.trace_id
+    assert {s.context.trace_id for s in (transact, handle, projection)} == {trace_id}
+    assert _parent(transact) == request.context.span_id
+    assert _parent(handle) == _parent(projection) == transact.context.span_id
+    assert projection.attributes is not None
+    assert projection.attributes["actorbus.outbox.seq"] == 1
+    assert projection.attributes["actorbus.outcome"] == "applied"
+    with sqlite3.connect(path) as conn:
+        [(stored,)] = conn.execute("SELECT trace FROM outbox").fetchall()
+    assert stored.startswith(f"00-{trace_id:032x}-")
+
+
+async def test_the_trace_waits_in_the_outbox_across_a_restart(
+    traced: Traced, tmp_path: Path
+) -> None:
+    path = tmp_path / "app.db"
+    async with Engine(path, tracer_provider=traced.provider) as engine:
+        with traced.tracer.start_as_current_span("request"):
+            await engine.publish(Paid(n=1))  # nobody subscribes in this run
+    seen: list[Paid] = []
+    async with Engine(path, tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=_recorder(seen), name="late")
+        await engine.idle()
+    assert [event.n for event in seen] == [1]
+    spans = traced.spans()
+    assert spans["handle late"].context.trace_id == spans["request"].context.trace_id
+    assert _parent(spans["handle late"]) == spans["publish"].context.span_id
+
+
+async def test_a_dead_letter_is_an_event_on_the_failed_handlers_span(traced: Traced) -> None:
+    async def failing(event: Paid) -> None:
+        raise ValueError(f"cannot pay {event.n}")
+
+    async with Engine(tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=failing, name="failing", max_attempts=2)
+        await engine.publish(Paid(n=3))
+        await engine.idle()
+    span = traced.spans()["handle failing"]
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["actorbus.outcome"] == "dead-lettered"
+    assert span.attributes["actorbus.attempt"] == 2
+    names = [event.name for event in span.events]
+    assert names == ["exception", "exception", "actorbus.dead_letter"]
+
+
+async def test_a_breaker_call_is_a_span_of_its_callers_trace(traced: Traced) -> None:
+    async def ok() -> str:
+        return "ok"
+
+    async def down() -> None:
+        raise ConnectionError("down")
+
+    async with Engine(tracer_provider=traced.provider) as engine:
+        breaker = engine.breaker("payments", CircuitBreakerConfig(failure_threshold=5))
+        await anyio.lowlevel.checkpoint()  # its actor starts
+        with traced.tracer.start_as_current_span("request"):
+            assert await breaker.call(ok) == "ok"
+            with pytest.raises(ConnectionError):
+                await breaker.call(down)
+    finished = traced.exporter.get_finished_spans()
+    request = next(span for span in finished if span.name == "request")
+    calls = [span for span in finished if span.name == "breaker payments"]
+    assert len(calls) == 2
+    assert {_parent(span) for span in calls} == {request.context.span_id}
+    assert [span.status.status_code for span in calls] == [StatusCode.UNSET, StatusCode.ERROR]
+
+
+async def test_without_a_provider_nothing_is_traced_and_events_still_flow(
+    traced: Traced,
+) -> None:
+    seen: list[Paid] = []
+    async with Engine() as engine:  # the API's global proxy provider: no SDK
+        engine.subscribe(Paid, handler=_recorder(seen), name="plain")
+        with traced.tracer.start_as_current_span("request"):
+            await engine.publish(Paid(n=1))
+        await engine.idle()
+    assert [event.n for event in seen] == [1]
+    assert [span.name for span in traced.exporter.get_finished_spans()] == ["request"]
+
+
+async def test_a_stored_trace_that_is_garbage_starts_a_trace_of_its_own(
+    traced: Traced, tmp_path: Path
+) -> None:
+    path = tmp_path / "app.db"
+    async with Engine(path):
+        pass
+    event = Paid(n=9)
+    with sqlite3.connect(path) as conn:  # another tool wrote this row
+        conn.execute(
+            "INSERT INTO outbox (id, type, tenant_id, payload, created_at, trace) "
+            "VALUES (?, ?, NULL, ?, 0, ?)",
+            (str(event.id), "t15.tracing.paid", encode(event), "00-garbage\n\x1b[2J"),
+        )
+    seen: list[Paid] = []
+    async with Engine(path, tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=_recorder(seen), name="reader")
+        await engine.idle()
+    assert [e.n for e in seen] == [9]
+    span = traced.spans()["handle reader"]
+    assert span.parent is None
+
+
+def test_a_tracer_provider_must_be_one() -> None:
+    with pytest.raises(TypeError, match="tracer_provider must be an OpenTelemetry"):
+        Engine(tracer_provider=object())
