@@ -74,18 +74,25 @@ FEATURE: Final = "cluster mode (cluster=RedisStreams(...))"
 
 # Moves the producer's high-water mark and XADDs the events above it, atomically.
 # KEYS: the marks hash, then the streams of this batch. ARGV: producer, the seq
-# the caller believes is forwarded, then (seq, index of its stream in KEYS, payload)...
+# the caller believes is forwarded, then (seq, index of its stream in KEYS, payload,
+# trace context or '')... An entry has fields p (producer), s (seq), e (the event)
+# and, for an event published in a trace, t (its W3C context, engine._tracing).
 _FORWARD = """
 local mark = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if mark < tonumber(ARGV[2]) then
   return {-1, mark}
 end
 local top = mark
-for i = 3, #ARGV, 3 do
+for i = 3, #ARGV, 4 do
   local seq = tonumber(ARGV[i])
   if seq > top then
     local key = KEYS[tonumber(ARGV[i + 1])]
-    redis.call('XADD', key, '*', 'p', ARGV[1], 's', ARGV[i], 'e', ARGV[i + 2])
+    if ARGV[i + 3] == '' then
+      redis.call('XADD', key, '*', 'p', ARGV[1], 's', ARGV[i], 'e', ARGV[i + 2])
+    else
+      redis.call('XADD', key, '*', 'p', ARGV[1], 's', ARGV[i], 'e', ARGV[i + 2],
+        't', ARGV[i + 3])
+    end
     top = seq
   end
 end
@@ -219,7 +226,10 @@ class _Reader:
         if not subscription.matches(type(event)):
             return True
         self.finished = anyio.Event()
-        delivery = Delivery(event, self.routes, entry=entry_id)
+        # The trace context it was published in, if any (engine._tracing).
+        raw = entry.field_values.get(b"t")
+        trace = raw.decode("ascii", "replace") if isinstance(raw, bytes) else None
+        delivery = Delivery(event, self.routes, entry=entry_id, trace=trace)
         delivery.routed = True
         if cell_index is None:
             try:
@@ -540,7 +550,7 @@ class ClusterLink:
             if slot is None:
                 keys.append(self.config.stream(partition))
                 slot = index[partition] = len(keys)
-            args.extend((row.seq, slot, row.payload))
+            args.extend((row.seq, slot, row.payload, row.trace or ""))
         return keys, args
 
     def _save_forwarded(self, seq: int) -> None:

@@ -16,7 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from engine import CircuitBreakerConfig, Engine, Event
+from engine.cluster import RedisStreams
 from engine.events import encode
+from tests.redis_server import RedisServer, redis_server_binary
 
 pytestmark = pytest.mark.anyio
 
@@ -204,3 +206,34 @@ async def test_a_stored_trace_that_is_garbage_starts_a_trace_of_its_own(
 def test_a_tracer_provider_must_be_one() -> None:
     with pytest.raises(TypeError, match="tracer_provider must be an OpenTelemetry"):
         Engine(tracer_provider=object())
+
+
+# ------------------------------------------------------------------ a cluster
+
+
+async def test_one_trace_runs_across_two_cluster_nodes(traced: Traced, tmp_path: Path) -> None:
+    seen: list[tuple[str, Paid]] = []
+    handled = anyio.Event()
+
+    def handler(node: str) -> Any:
+        async def handle(event: Paid) -> None:
+            seen.append((node, event))
+            handled.set()
+
+        return handle
+
+    def node(name: str, server: RedisServer) -> Engine:
+        cluster = RedisStreams(server.url, namespace="traced", partitions=2, node=name)
+        return Engine(tmp_path / f"{name}.db", cluster=cluster, tracer_provider=traced.provider)
+
+    with RedisServer(redis_server_binary()) as server:
+        async with node("a", server) as a, node("b", server) as b:
+            b.subscribe(Paid, handler=handler("b"), name="billing", scope="node")
+            with traced.tracer.start_as_current_span("request"):
+                await a.transact(lambda tx: tx.publish(Paid(n=5)))
+            with anyio.fail_after(15):  # through Redis: node b reads what node a forwarded
+                await handled.wait()
+    assert [(name, event.n) for name, event in seen] == [("b", 5)]
+    spans = traced.spans()
+    assert spans["handle billing"].context.trace_id == spans["request"].context.trace_id
+    assert _parent(spans["handle billing"]) == spans["transact"].context.span_id
