@@ -18,6 +18,7 @@ throttling.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -247,6 +248,32 @@ async def partitions_4(n: int, repeats: int) -> Measurement:
     return throughput(deliveries, raw_seconds, ours_seconds)
 
 
+async def publish_1_otel(n: int, repeats: int) -> Measurement:
+    """publish -> 1 subscriber with OpenTelemetry's API installed and no SDK (ours),
+    beside the same engine with tracing switched off altogether (``OTEL_SDK_DISABLED``,
+    read when an engine starts): what the API costs a publisher without an SDK."""
+    events = _events(n)
+    probe = Probe()
+    handle = _counting(probe)
+    config = BackpressureConfig(max_depth=_max_depth(n))
+    os.environ["OTEL_SDK_DISABLED"] = "true"
+    try:
+        off = Engine(backpressure=config)
+        await off.__aenter__()
+    finally:
+        del os.environ["OTEL_SDK_DISABLED"]
+    try:
+        async with Engine(backpressure=config) as api:
+            for engine in (off, api):
+                _subscribe(engine, handle, subscriptions=1, capacity=n)
+            limit_seconds, ours_seconds = await alternate(
+                _ours(off, events, probe, n), _ours(api, events, probe, n), repeats
+            )
+    finally:
+        await off.__aexit__(None, None, None)
+    return throughput(n, limit_seconds, ours_seconds)
+
+
 SCALE_COUNTS = (8, 100, 1000)
 
 
@@ -297,6 +324,14 @@ SCENARIOS = by_name(
         unit="deliveries/s",
         higher_is_better=True,
         target=0.35,  # issue 14
+        n={"full": 100_000, "quick": 10_000, "smoke": 200},
+    ),
+    Scenario(
+        name="publish_1_otel",
+        run=publish_1_otel,
+        unit="deliveries/s",
+        higher_is_better=True,
+        target=0.95,  # issue 15: the API without an SDK costs a publisher nothing
         n={"full": 100_000, "quick": 10_000, "smoke": 200},
     ),
     Scenario(

@@ -23,6 +23,7 @@ dead letter is an event (``actorbus.dead_letter``) on the span of its last attem
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -83,8 +84,9 @@ class Tracing:
         self.on = False
 
     def start(self) -> None:
-        """Look for a real provider (the engine starts): trace with it, or not at all."""
-        if _trace is None:
+        """Look for a real provider (the engine starts): trace with it, or not at all
+        (also not when ``OTEL_SDK_DISABLED=true``, OpenTelemetry's own switch)."""
+        if _trace is None or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
             return
         provider: Any = self._provider or _trace.get_tracer_provider()
         if isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):

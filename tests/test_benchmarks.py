@@ -23,6 +23,7 @@ SCENARIOS = {
     "ask_roundtrip",
     "actors_scale",
     "publish_1",
+    "publish_1_otel",
     "fanout_8",
     "partitions_4",
     "fanout_scale",

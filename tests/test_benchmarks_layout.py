@@ -29,6 +29,7 @@ RUN_ORDER = [
     "ask_roundtrip",
     "actors_scale",
     "publish_1",
+    "publish_1_otel",
     "fanout_8",
     "partitions_4",
     "fanout_scale",

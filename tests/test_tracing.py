@@ -237,3 +237,16 @@ async def test_one_trace_runs_across_two_cluster_nodes(traced: Traced, tmp_path:
     spans = traced.spans()
     assert spans["handle billing"].context.trace_id == spans["request"].context.trace_id
     assert _parent(spans["handle billing"]) == spans["transact"].context.span_id
+
+
+async def test_otel_sdk_disabled_switches_tracing_off(
+    traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    seen: list[Paid] = []
+    async with Engine(tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=_recorder(seen), name="quiet")
+        await engine.publish(Paid(n=1))
+        await engine.idle()
+    assert [event.n for event in seen] == [1]
+    assert traced.exporter.get_finished_spans() == ()
