@@ -40,7 +40,7 @@ from ._breaker import CircuitBreaker, CircuitBreakerConfig
 from ._bus import EventBus
 from ._cache import closing_connection_class, is_redis_outage, redact
 from ._deadletters import DeadLetter, DeadLetters
-from ._durable import Outbox, run_projector
+from ._durable import Outbox, project_event
 from ._errors import EngineError
 from ._events import Event, EventDecodeError, decode
 from ._extras import MissingExtra, needs_redis
@@ -197,6 +197,12 @@ class _Lease:
         return self.held and anyio.current_time() < self.valid_until
 
 
+def entry_trace(entry: Any) -> str | None:
+    """The trace context a stream entry carries (field ``t``), if any (engine._tracing)."""
+    raw = entry.field_values.get(b"t")
+    return raw.decode("ascii", "replace") if isinstance(raw, bytes) else None
+
+
 class _Reader:
     """Hands one entry at a time to a subscription's actor and waits for its outcome."""
 
@@ -226,10 +232,7 @@ class _Reader:
         if not subscription.matches(type(event)):
             return True
         self.finished = anyio.Event()
-        # The trace context it was published in, if any (engine._tracing).
-        raw = entry.field_values.get(b"t")
-        trace = raw.decode("ascii", "replace") if isinstance(raw, bytes) else None
-        delivery = Delivery(event, self.routes, entry=entry_id, trace=trace)
+        delivery = Delivery(event, self.routes, entry=entry_id, trace=entry_trace(entry))
         delivery.routed = True
         if cell_index is None:
             try:
@@ -932,6 +935,8 @@ class ClusterLink:
             seq = 0
         dead_letters = self.dead_letters
         attempts = subscription.max_attempts
+        tracing = self.bus.tracing
+        trace = entry_trace(entry)
 
         def apply(tx: Transaction) -> DeadLetter | None:
             conn = tx.conn
@@ -960,7 +965,9 @@ class ClusterLink:
                 )
             else:
                 if subscription.matches(type(event)):
-                    error = run_projector(tx, projector, event, attempts)
+                    error = project_event(
+                        tracing, name, tx, projector, event, attempts, seq or None, trace
+                    )
                     if error is not None:
                         letter = dead_letters.insert_row(
                             conn, name, event, "failed", error, attempts, entry=entry_id

@@ -52,7 +52,7 @@ from ._store import (
     read_outbox,
     storage_fault_in,
 )
-from ._tracing import event_attributes
+from ._tracing import Tracing, event_attributes
 
 __all__ = [
     "RELAY",
@@ -225,6 +225,31 @@ def run_projector(
             continue
         return None
     return error
+
+
+def project_event(
+    tracing: Tracing,
+    name: str,
+    tx: Transaction,
+    projector: Callable[[Any, Any], Any],
+    event: Event,
+    attempts: int,
+    seq: int | None,
+    trace: str | None,
+) -> Exception | None:
+    """``run_projector`` for projection ``name``, in a ``project {name}`` span (child of
+    the event's ``trace``) when the engine traces."""
+    if not tracing.on:
+        return run_projector(tx, projector, event, attempts)
+    with tracing.span(f"project {name}", event_attributes(event, seq), trace) as span:
+        error = run_projector(tx, projector, event, attempts)
+        if error is None:
+            span.set_attribute("actorbus.outcome", "applied")
+        else:
+            span.set_attribute("actorbus.outcome", "dead-lettered")
+            span.record_exception(error)
+            span.add_event("actorbus.dead_letter", {"actorbus.reason": "failed"})
+        return error
 
 
 def _poll(conn: Any) -> tuple[int, list[int]]:
@@ -766,6 +791,7 @@ class Outbox:
         attempts = subscription.max_attempts
         event = delivery.event
         tracing = self.bus.tracing
+        trace = delivery.trace
 
         def apply(tx: Transaction) -> Any:
             conn = tx.conn
@@ -774,18 +800,8 @@ class Outbox:
             ).fetchone()
             if row is not None and row[0] >= seq:
                 return None  # applied before a crash: exactly once
-            if not tracing.on:
-                error = run_projector(tx, projector, event, attempts)
-                return self._projected(tx, subscription, event, seq, error)
-            attributes = event_attributes(event, seq)
-            with tracing.span(f"project {name}", attributes, delivery.trace) as span:
-                error = run_projector(tx, projector, event, attempts)
-                outcome = "applied" if error is None else "dead-lettered"
-                span.set_attribute("actorbus.outcome", outcome)
-                if error is not None:
-                    span.record_exception(error)
-                    span.add_event("actorbus.dead_letter", {"actorbus.reason": "failed"})
-                return self._projected(tx, subscription, event, seq, error)
+            error = project_event(tracing, name, tx, projector, event, attempts, seq, trace)
+            return self._projected(tx, subscription, event, seq, error)
 
         def done(request: Request) -> None:
             then()

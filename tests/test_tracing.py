@@ -4,13 +4,14 @@ in memory, through the outbox and across a restart; real SDK, in-memory exporter
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -36,6 +37,18 @@ class Traced:
 
     def spans(self) -> dict[str, ReadableSpan]:
         return {span.name: span for span in self.exporter.get_finished_spans()}
+
+
+class EndOf(SpanProcessor):
+    """Sets ``ended`` when a span called ``name`` ends (in whichever thread)."""
+
+    def __init__(self, name: str, ended: threading.Event) -> None:
+        self.name = name
+        self.ended = ended
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name == self.name:
+            self.ended.set()
 
 
 @pytest.fixture
@@ -211,9 +224,15 @@ def test_a_tracer_provider_must_be_one() -> None:
 # ------------------------------------------------------------------ a cluster
 
 
+def _ledger(tx: Any, event: Paid) -> None:
+    tx.db["paid"].insert({"n": event.n})
+
+
 async def test_one_trace_runs_across_two_cluster_nodes(traced: Traced, tmp_path: Path) -> None:
     seen: list[tuple[str, Paid]] = []
     handled = anyio.Event()
+    projected = threading.Event()
+    traced.provider.add_span_processor(EndOf("project ledger", projected))
 
     def handler(node: str) -> Any:
         async def handle(event: Paid) -> None:
@@ -229,14 +248,20 @@ async def test_one_trace_runs_across_two_cluster_nodes(traced: Traced, tmp_path:
     with RedisServer(redis_server_binary()) as server:
         async with node("a", server) as a, node("b", server) as b:
             b.subscribe(Paid, handler=handler("b"), name="billing", scope="node")
+            b.project(Paid, projector=_ledger, name="ledger")
             with traced.tracer.start_as_current_span("request"):
                 await a.transact(lambda tx: tx.publish(Paid(n=5)))
             with anyio.fail_after(15):  # through Redis: node b reads what node a forwarded
                 await handled.wait()
+            # Its projection reads the same entry on its own (idle() does not wait for
+            # what Redis has not handed this node yet): its span ends in the writer thread.
+            assert await anyio.to_thread.run_sync(projected.wait, 15)
     assert [(name, event.n) for name, event in seen] == [("b", 5)]
     spans = traced.spans()
-    assert spans["handle billing"].context.trace_id == spans["request"].context.trace_id
+    trace_id = spans["request"].context.trace_id
+    assert spans["handle billing"].context.trace_id == trace_id
     assert _parent(spans["handle billing"]) == spans["transact"].context.span_id
+    assert spans["project ledger"].context.trace_id == trace_id
 
 
 async def test_otel_sdk_disabled_switches_tracing_off(
