@@ -65,7 +65,7 @@ class Tracking(Protocol):
         """Apply a dead-lettered event to its projection again."""
 
     async def halt(self, subscription: Subscription) -> None:
-        """It is closing: end its catch-up (``EngineError`` where closing is not supported)."""
+        """It is closing: end its catch-up (in a cluster: its readers, its leases)."""
 
     async def retire(self, subscription: Subscription) -> None:
         """Its actors stopped: store the positions it reached and stop following it."""

@@ -203,6 +203,22 @@ def entry_trace(entry: Any) -> str | None:
     return raw.decode("ascii", "replace") if isinstance(raw, bytes) else None
 
 
+class _Follower:
+    """One node-scope reader of one partition: ``stop`` ends it after the entry in hand."""
+
+    __slots__ = ("ended", "scope", "stopped")
+
+    def __init__(self) -> None:
+        self.ended = anyio.Event()
+        self.scope: anyio.CancelScope | None = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.scope is not None:
+            self.scope.cancel()  # a read in progress; handling an entry is shielded
+
+
 class _Reader:
     """Hands one entry at a time to a subscription's actor and waits for its outcome."""
 
@@ -291,6 +307,8 @@ class ClusterLink:
         # Leases being handed on: renewed until their reader finished the entry in hand.
         self._leaving: set[_Lease] = set()
         self._cluster_subscriptions: dict[str, Subscription] = {}
+        # Node-scope readers by subscription: the scope of each, and its end.
+        self._followers: dict[str, list[_Follower]] = {}
         self._lag: dict[str, dict[int, int]] = {}
         # Node-scope positions to checkpoint: (subscription, partition) -> entry id.
         self._positions_seen: dict[tuple[str, int], tuple[int, int]] = {}
@@ -585,14 +603,33 @@ class ClusterLink:
         subscription.live = False  # fed from the streams, never by the local dispatcher
 
     async def halt(self, subscription: Subscription) -> None:
-        raise EngineError(
-            f"cannot close subscription {subscription.name!r}: closing a subscription of an "
-            "engine in a cluster is not supported yet (its stream readers and leases would "
-            "go on); leave the engine instead"
-        )
+        """``subscription`` is closing: its readers stop after the entry in hand. A
+        cluster-scope one hands its partitions on and leaves their members (other nodes
+        take them; its unacknowledged entries come again there); a node-scope one's
+        readers end, their positions checkpointed by ``retire``."""
+        name = subscription.name
+        if subscription.scope == "cluster":
+            self._cluster_subscriptions.pop(name, None)
+            self._grouped.discard(name)
+            leases = list(self._leased.pop(name, {}).values())
+            async with anyio.create_task_group() as tg:
+                for lease in leases:
+                    tg.start_soon(self._hand_over, lease)
+            with contextlib.suppress(Unavailable):  # its membership expires on its own then
+                await self._redis("zrem", self._members(name), [self.config.node])
+            logger.info("cluster: node %r left subscription %r", self.config.node, name)
+            self.emit(PartitionsRebalanced(subscription=name, owned=[]))
+            return
+        followers = self._followers.pop(name, [])
+        for follower in followers:
+            follower.stop()
+        for follower in followers:
+            await follower.ended.wait()
 
-    async def retire(self, subscription: Subscription) -> None:  # pragma: no cover - halt refuses
-        raise AssertionError("halt refuses to close a subscription in a cluster")
+    async def retire(self, subscription: Subscription) -> None:
+        """Its actors stopped: the positions its node-scope readers reached are stored
+        (subscribing again resumes there)."""
+        await self._checkpoint_positions()
 
     def start(self, subscription: Subscription) -> None:
         if subscription.scope == "cluster":
@@ -640,7 +677,9 @@ class ClusterLink:
         for lease in list(self._leaving):
             await self._script("renew", [lease.key], [lease.token, ttl_ms])
         for name, members in zip(names, beat[2:], strict=True):
-            subscription = self._cluster_subscriptions[name]
+            subscription = self._cluster_subscriptions.get(name)
+            if subscription is None:
+                continue  # closed during the beat
             if name not in self._grouped:
                 # Every partition's group exists before entries are trimmed or read.
                 for partition in range(config.partitions):
@@ -675,7 +714,7 @@ class ClusterLink:
                     subscription.name,
                     share,
                 )
-                self._leased[subscription.name].pop(partition, None)
+                self._leased.get(subscription.name, {}).pop(partition, None)
                 self.runtime.start_task(
                     self._hand_over, lease, name=f"cluster hand over {subscription.name}"
                 )
@@ -716,7 +755,7 @@ class ClusterLink:
         return f"{self.config.namespace}:members:{name}"
 
     def _rebalanced(self, name: str) -> None:
-        owned = sorted(self._leased[name])
+        owned = sorted(self._leased.get(name, {}))
         self.emit(PartitionsRebalanced(subscription=name, owned=owned))
         logger.info(
             "cluster: node %r holds partitions %s of %r",
@@ -728,7 +767,7 @@ class ClusterLink:
 
     def _drop(self, name: str, lease: _Lease) -> None:
         lease.held = False
-        self._leased[name].pop(lease.partition, None)
+        self._leased.get(name, {}).pop(lease.partition, None)
         if lease.scope is not None:
             lease.scope.cancel()
 
@@ -879,8 +918,19 @@ class ClusterLink:
     async def _follow(self, subscription: Subscription, partition: int) -> None:
         """Read every entry of one partition for a node-scope subscription or a
         projection, from the position kept in this node's database."""
-        runtime = self.runtime
         stream = self.config.stream(partition)
+        name = subscription.name
+        follower = _Follower()
+        self._followers.setdefault(name, []).append(follower)
+        try:
+            await self._follow_from(subscription, partition, stream, follower)
+        finally:
+            follower.ended.set()
+
+    async def _follow_from(
+        self, subscription: Subscription, partition: int, stream: str, follower: _Follower
+    ) -> None:
+        runtime = self.runtime
         name = subscription.name
         position = await self.outbox.store.read(lambda conn: _load_position(conn, name, partition))
         reader = _Reader(self, subscription)
@@ -888,7 +938,10 @@ class ClusterLink:
         delay = RETRY_INITIAL
         # Known from the start: retention keeps what this reader has not read yet.
         self._positions_seen[(name, partition)] = position
-        with self._owned_scope():
+        with self._owned_scope() as scope:
+            follower.scope = scope
+            if follower.stopped:
+                return  # closed while it started
             await self._joined.wait()
             await self._publish_position(name, partition, position)
             while not runtime.closing:
@@ -903,7 +956,7 @@ class ClusterLink:
                 delay = RETRY_INITIAL
                 entries = found.get(stream.encode(), ()) if found else ()
                 for entry in entries:
-                    if runtime.stopping:
+                    if runtime.stopping or follower.stopped:
                         return
                     entry_position = parse_id(entry.identifier)
                     runtime.busy()

@@ -488,9 +488,10 @@ class SubscriptionRef:
         its name (in this engine or the next) resumes after it, and
         ``engine.forget(name)`` drops it. After ``timeout`` seconds what is left
         is cut short: the handler in progress is cancelled and queued events are
-        dead-lettered (reason ``stopped``), or, durable, stay in the outbox to come
-        again. Closing again does nothing. Refused from the subscription's own
-        handler (it would wait for itself) and in a cluster engine (not supported yet).
+        dead-lettered (reason ``stopped``), or, durable, stay in the outbox (or the
+        cluster's streams) to come again. In a cluster a cluster-scope subscription
+        hands its partitions on to the other nodes that run it. Closing again does
+        nothing. Refused from the subscription's own handler (it would wait for itself).
         """
         check_timeout(timeout, "timeout")
         subscription = self._subscription

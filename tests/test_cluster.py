@@ -1344,15 +1344,53 @@ async def test_idle_waits_until_what_committed_here_is_in_redis(
         assert cluster_metrics(engine).forwarding_lag == 0
 
 
-async def test_closing_a_subscription_in_a_cluster_engine_is_refused(
+async def test_a_closed_node_scope_subscription_resumes_after_its_position(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
+    handled = Handled()
     async with node_engine(tmp_path, redis_server, "a") as engine:
-        for scope in ("cluster", "node"):
-            ref = engine.subscribe(Job, handler=_noop, name=f"{JOBS}-{scope}", scope=scope)
-            with pytest.raises(EngineError, match="not supported yet"):
-                await ref.close()
-            assert not ref.closed
+        ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+        first = [Job(key=f"k{n}", n=n) for n in range(6)]
+        await commit(engine, *first)
+        await until(lambda: len(handled.log) == 6, "the first jobs handled")
+        await bounded(ref.close())
+        assert ref.closed
+        later = [Job(key=f"k{n}", n=n) for n in range(6, 10)]
+        await commit(engine, *later)
+        await bounded(engine.idle())
+        assert len(handled.log) == 6  # closed: nothing more reaches it
+        engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+        await until(lambda: len(handled.log) == 10, "the later jobs handled after resuming")
+    # It resumed after its position: the first jobs did not come again.
+    assert handled.ids() == collections.Counter(str(job.id) for job in first + later)
+
+
+async def test_a_closed_cluster_subscription_hands_its_partitions_on(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    handled = Handled()
+    rebalanced: list[PartitionsRebalanced] = []
+
+    async def watch(event: PartitionsRebalanced) -> None:
+        rebalanced.append(event)
+
+    async with (
+        node_engine(tmp_path, redis_server, "a") as a,
+        node_engine(tmp_path, redis_server, "b") as b,
+    ):
+        a.subscribe(PartitionsRebalanced, handler=watch, name="watch")
+        ref = a.subscribe(Job, handler=handled.handler("a"), name=JOBS)
+        b.subscribe(Job, handler=handled.handler("b"), name=JOBS)
+        await until(lambda: balanced([a, b], 4), "the partitions shared")
+        await bounded(ref.close())
+        assert owned(a) == []
+        assert rebalanced[-1].owned == []
+        await until(lambda: owned(b) == [0, 1, 2, 3], "b takes every partition")
+        jobs = [Job(key=f"k{n}", n=n) for n in range(8)]
+        await commit(a, *jobs)
+        await until(lambda: len(handled.log) >= 8, "every job handled")
+    assert set(handled.ids()) == {str(job.id) for job in jobs}
+    assert handled.by("a") == []
 
 
 # ------------------------------------------------------------- system events
