@@ -108,7 +108,8 @@ class FunctionSubscriber(Actor):
         self.finished(cell, message)
 
     async def _traced(self, delivery: Delivery) -> None:
-        """``receive`` in a ``handle {subscription}`` span, child of the event's trace."""
+        """``receive`` in a ``handle {subscription}`` span, child of the event's trace
+        (``receive`` keeps its own copy of these lines: it is every delivery's cost)."""
         cell = self._actorbus_cell
         assert cell is not None
         event = delivery.event

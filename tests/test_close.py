@@ -278,20 +278,27 @@ async def test_a_closed_projection_keeps_its_position_and_projects_once(tmp_path
     assert rows == list(range(40))
 
 
+class Held:
+    """A subscription whose handler holds its first event until ``gate`` is set."""
+
+    def __init__(self, engine: Engine, name: str, events: int) -> None:
+        self.gate = anyio.Event()
+        self.entered = anyio.Event()
+        self.seen: list[int] = []
+        self.ref = engine.subscribe(Item, handler=self.handle, name=name)
+        for n in range(events):
+            engine.try_publish(Item(n=n))
+
+    async def handle(self, event: Item) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        self.seen.append(event.n)
+
+
 async def test_concurrent_closes_wait_for_the_one_under_way(actorbus_engine: Engine) -> None:
-    gate = anyio.Event()
-    entered = anyio.Event()
-    seen: list[int] = []
-
-    async def slow(event: Item) -> None:
-        entered.set()
-        await gate.wait()
-        seen.append(event.n)
-
-    ref = actorbus_engine.subscribe(Item, handler=slow, name="contended")
-    for n in range(3):
-        actorbus_engine.try_publish(Item(n=n))
-    await entered.wait()
+    held = Held(actorbus_engine, "contended", 3)
+    ref, gate, seen = held.ref, held.gate, held.seen
+    await held.entered.wait()
     returned: list[int] = []
 
     async def close(caller: int) -> None:
@@ -313,19 +320,9 @@ async def test_concurrent_closes_wait_for_the_one_under_way(actorbus_engine: Eng
 async def test_a_cancelled_close_can_be_finished_by_closing_again(
     actorbus_engine: Engine,
 ) -> None:
-    gate = anyio.Event()
-    entered = anyio.Event()
-    seen: list[int] = []
-
-    async def slow(event: Item) -> None:
-        entered.set()
-        await gate.wait()
-        seen.append(event.n)
-
-    ref = actorbus_engine.subscribe(Item, handler=slow, name="interrupted")
-    for n in range(2):
-        actorbus_engine.try_publish(Item(n=n))
-    await entered.wait()
+    held = Held(actorbus_engine, "interrupted", 2)
+    ref, gate, seen = held.ref, held.gate, held.seen
+    await held.entered.wait()
     with anyio.CancelScope() as scope:
         scope.cancel()
         await ref.close()
