@@ -1039,6 +1039,16 @@ class ClusterLink:
         if letter is not None:
             dead_letters.restored(letter)
 
+    async def forget(self, name: str) -> int:
+        """``engine.forget`` on a cluster node: the stored positions (the outbox's and
+        this node's in the streams) and the retention position it publishes for ``name``."""
+        forgotten = await self.outbox.forget(name)
+        node = self.config.node
+        fields = [f"{node}|{name}|{partition}" for partition in range(self.config.partitions)]
+        with contextlib.suppress(Unavailable):  # then retention keeps its entries longer
+            await self._redis("hdel", self._positions, fields)
+        return forgotten
+
     async def _publish_position(self, name: str, partition: int, position: tuple[int, int]) -> None:
         """Tell retention where a node-scope reader starts, before it reads."""
         field = f"{self.config.node}|{name}|{partition}"

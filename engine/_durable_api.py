@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ._bus import EventBus
+from ._cluster import ClusterLink
 from ._durable import Outbox, age_seconds
 from ._errors import EngineError
 from ._events import Event
@@ -28,6 +29,7 @@ class DurableAPI:
     """What an engine with a database offers beyond publishing (``Engine("app.db")``)."""
 
     _bus: EventBus
+    _link: ClusterLink | None
     _outbox: Outbox | None
     _runtime: Runtime
     _tracing: Tracing
@@ -95,4 +97,5 @@ class DurableAPI:
         ``python -m engine forget`` does; returns how many it had (``KeyError``: none;
         ``ValueError`` while one of that name is registered here: close it first)."""
         self._bus.check_retired(name)
-        return await self._require_outbox("forget").forget(name)
+        outbox = self._require_outbox("forget")
+        return await (outbox if self._link is None else self._link).forget(name)

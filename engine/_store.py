@@ -1367,10 +1367,24 @@ def prune_outbox(conn: sqlite3.Connection, cutoff: float) -> int:
 
 
 def forget_positions(conn: sqlite3.Connection, name: str) -> int:
-    """Delete the stored positions of subscription (or projection) ``name``; returns
-    how many partition positions there were. Runs inside the caller's transaction."""
-    cursor = conn.execute("DELETE FROM tracking WHERE subscriber = ?", (name,))
-    return int(cursor.rowcount)
+    """Delete the stored positions of subscription (or projection) ``name``: in the
+    outbox, and of a cluster node in its streams (with what its projections applied);
+    returns how many partition positions there were. Runs in the caller's transaction."""
+    forgotten = int(conn.execute("DELETE FROM tracking WHERE subscriber = ?", (name,)).rowcount)
+    tables = {
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name IN ('cluster_positions', 'cluster_applied')"
+        )
+    }
+    if "cluster_positions" in tables:  # a file an engine of this version opened
+        forgotten += int(
+            conn.execute("DELETE FROM cluster_positions WHERE subscriber = ?", (name,)).rowcount
+        )
+    if "cluster_applied" in tables:
+        conn.execute("DELETE FROM cluster_applied WHERE subscriber = ?", (name,))
+    return forgotten
 
 
 class SubscriberStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -1413,3 +1413,28 @@ async def test_a_node_announces_the_partitions_it_holds(
         await until(lambda: owned(engine) == [0, 1, 2, 3], "a holds every partition")
         await until(lambda: bool(seen) and seen[-1].owned == [0, 1, 2, 3], "announced")
     assert {event.subscription for event in seen} == {JOBS}
+
+
+async def test_forget_on_a_node_drops_its_stream_positions_and_their_retention(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+        jobs = [Job(key=f"k{n}", n=n) for n in range(4)]
+        await commit(engine, *jobs)
+        await until(lambda: len(handled.log) == 4, "the jobs handled")
+        await bounded(ref.close())
+        fields = redis(redis_server, "HKEYS", f"{NS}:positions")
+        assert sorted(f for f in fields if f.startswith(b"a|jobs|")) == [
+            f"a|jobs|{p}".encode() for p in range(4)
+        ]
+        assert await bounded(engine.forget(JOBS)) == 4
+        fields = redis(redis_server, "HKEYS", f"{NS}:positions")
+        assert [f for f in fields if f.startswith(b"a|jobs|")] == []
+        with pytest.raises(KeyError, match="jobs"):
+            await engine.forget(JOBS)
+        # Subscribed again it starts over: every job comes again.
+        engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+        await until(lambda: len(handled.log) == 8, "every job handled again")
+    assert set(handled.ids().values()) == {2}
