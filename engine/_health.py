@@ -10,22 +10,20 @@ engine not started, draining, stopping,   failing   503     503
 stopped
 the root supervisor gave up               failing   503     503
 storage: the database refuses writes      failing   503     503
-backpressure CRITICAL                     degraded  200     503
-backpressure WARNING                      degraded  200     200
-a breaker open or half-open               degraded  200     200
-cluster: Redis unreachable                degraded  200     200
-cluster: partitions nobody here leases    degraded  200     200
-a supervisor stopped, waiting for its     degraded  200     200
+backpressure WARNING or CRITICAL          degraded  200     503
+a breaker open or half-open               degraded  200     503
+cluster: Redis unreachable                degraded  200     503
+cluster: partitions nobody here leases    degraded  200     503
+a supervisor stopped, waiting for its     degraded  200     503
 parent to restart it
 ========================================  ========  ======  =====
 
-Failing means a restart may help: the engine is not running, or cannot commit to its
-own (local) database. Not ready means this replica should get no new traffic: CRITICAL
-makes ``publish`` wait and ``try_publish`` refuse. A shared dependency (a breaker's, the
-cluster's Redis) leaves every replica ready and alive: taking all of them out of
-service, or restarting all of them, for one dependency turns a partial outage into a
-full one, and the breaker already fails fast while the outbox keeps what Redis has not
-taken yet.
+As DESIGN has it: ``/livez`` answers 200 for ok and degraded, ``/readyz`` only for
+ok. Failing means a restart may help: the engine is not running, or cannot commit to
+its own (local) database. Degraded means it works with a finding, and is not ready
+for new traffic until the finding clears. An orchestrator that should keep replicas in
+service through a shared dependency's outage (a breaker's service, the cluster's
+Redis) can probe ``/livez`` for readiness too.
 """
 
 from __future__ import annotations
@@ -62,7 +60,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     reasons: tuple[str, ...] = ()
     """One short line per finding, naming the part: ``"breaker 'payments': open"``."""
     ready: bool
-    """Takes new traffic (``/readyz``): not failing and not CRITICAL."""
+    """Takes new traffic (``/readyz``): ok, no finding."""
 
     @property
     def live(self) -> bool:
@@ -73,10 +71,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
 class _Level(enum.Enum):
     FAILING = "failing"
     """Neither alive nor ready."""
-    UNREADY = "unready"
-    """Degraded and not ready."""
     DEGRADED = "degraded"
-    """Degraded and still ready."""
+    """Alive, not ready."""
 
 
 _Finding = tuple[_Level, str]
@@ -122,7 +118,7 @@ def check_health(
     return Health(
         status=status,
         reasons=tuple(_short(reason) for _, reason in findings),
-        ready=not levels & {_Level.FAILING, _Level.UNREADY},
+        ready=not levels,
     )
 
 
@@ -152,10 +148,9 @@ def _backpressure(metrics: EngineMetrics, config: BackpressureConfig) -> Iterato
     state = metrics.backpressure.state
     if state is BackpressureState.NORMAL:
         return
-    level = _Level.UNREADY if state is BackpressureState.CRITICAL else _Level.DEGRADED
     depth = metrics.backpressure.depth
     yield (
-        level,
+        _Level.DEGRADED,
         f"backpressure: {state.name} ({depth:,} of {config.max_depth:,} in flight)",
     )
 

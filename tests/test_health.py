@@ -97,8 +97,9 @@ class AlwaysCrashes(Actor):
         raise ValueError("asked to break")
 
 
-def degraded(*reasons: str, ready: bool = True) -> Health:
-    return Health(status="degraded", reasons=reasons, ready=ready)
+def degraded(*reasons: str) -> Health:
+    """Alive, and (DESIGN: /readyz is 200 only when ok) not ready."""
+    return Health(status="degraded", reasons=reasons, ready=False)
 
 
 def failing(*reasons: str) -> Health:
@@ -168,7 +169,7 @@ async def test_a_storage_outage_is_failing_until_the_database_takes_writes_again
 # ------------------------------------------------------------------- backpressure
 
 
-async def test_backpressure_warning_is_degraded_and_ready_critical_is_not_ready() -> None:
+async def test_backpressure_warning_and_critical_are_degraded_alive_and_not_ready() -> None:
     valve = Valve()
     async with Engine(backpressure=BackpressureConfig(max_depth=2000)) as engine:
         engine.subscribe(Tick, handler=valve, name="valve", capacity=2000)
@@ -176,9 +177,7 @@ async def test_backpressure_warning_is_degraded_and_ready_critical_is_not_ready(
         assert engine.health() == degraded("backpressure: WARNING (1,400 of 2,000 in flight)")
         await fill(engine, 400)
         critical = engine.health()
-        assert critical == degraded(
-            "backpressure: CRITICAL (1,800 of 2,000 in flight)", ready=False
-        )
+        assert critical == degraded("backpressure: CRITICAL (1,800 of 2,000 in flight)")
         assert critical.live
         valve.opened.set()
         await engine.idle()
@@ -188,7 +187,7 @@ async def test_backpressure_warning_is_degraded_and_ready_critical_is_not_ready(
 # ------------------------------------------------------------------- breakers
 
 
-async def test_an_open_breaker_is_degraded_and_still_ready() -> None:
+async def test_an_open_breaker_is_degraded_and_not_ready() -> None:
     async with Engine() as engine:
         payments = engine.breaker("payments")
         engine.breaker("stock")  # closed: nothing to say
@@ -203,7 +202,7 @@ class TestOnTheVirtualClock:
     def anyio_backend(self) -> Any:
         return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
 
-    async def test_a_half_open_breaker_is_degraded_and_still_ready(self) -> None:
+    async def test_a_half_open_breaker_is_degraded_and_not_ready(self) -> None:
         async with Engine() as engine:
             payments = engine.breaker("payments", CircuitBreakerConfig(timeout=60))
             await payments.force_open()
@@ -288,7 +287,7 @@ async def _nothing(job: Job) -> None:
     pass
 
 
-async def test_a_lone_node_without_every_lease_or_without_redis_is_degraded_and_ready(
+async def test_a_lone_node_without_every_lease_or_without_redis_is_degraded_and_alive(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     namespace = "t15health"
@@ -316,7 +315,7 @@ async def test_a_lone_node_without_every_lease_or_without_redis_is_degraded_and_
         await anyio.to_thread.run_sync(redis_server.stop)
         await until(lambda: "cluster: Redis unreachable" in engine.health().reasons, "Redis away")
         health = engine.health()
-        assert (health.status, health.ready, health.live) == ("degraded", True, True)
+        assert (health.status, health.ready, health.live) == ("degraded", False, True)
 
         await anyio.to_thread.run_sync(redis_server.start)
         await until(lambda: engine.health() == OK, "ok once Redis is back")
@@ -382,6 +381,13 @@ async def test_the_probes_through_hypercorn(anyio_backend: str) -> None:
             valve.opened.set()
             await engine.idle()
             assert answer(await client.get("/readyz")) == (200, ok)
+
+            # Degraded by any finding: alive, not ready (DESIGN: /readyz is 200 only when ok).
+            payments = engine.breaker("payments")
+            await payments.force_open()
+            opened = {"status": "degraded", "reasons": ["breaker 'payments': open"]}
+            assert answer(await client.get("/livez")) == (200, opened)
+            assert answer(await client.get("/readyz")) == (503, opened)
 
 
 async def test_the_probes_of_an_engine_before_it_starts_and_after_it_stops(
