@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 from ._errors import EngineError
 
-__all__ = ["MissingExtra", "needs_extra", "needs_redis"]
+__all__ = ["MissingExtra", "missing_extra", "needs_extra", "needs_redis"]
 
 
 class MissingExtra(EngineError, ImportError):
@@ -27,6 +27,11 @@ class MissingExtra(EngineError, ImportError):
     """
 
 
+def missing_extra(feature: str, distribution: str, extra: str) -> MissingExtra:
+    """The error for ``feature`` used without ``distribution`` (installed by ``extra``)."""
+    return MissingExtra(f"{feature} needs {distribution}: pip install 'actorbus[{extra}]'")
+
+
 @contextmanager
 def needs_extra(feature: str, distribution: str, extra: str) -> Iterator[None]:
     """Turn an ``ImportError`` in the block into ``MissingExtra`` naming ``extra``."""
@@ -35,9 +40,7 @@ def needs_extra(feature: str, distribution: str, extra: str) -> Iterator[None]:
     except ImportError as exc:
         if isinstance(exc, MissingExtra):
             raise
-        raise MissingExtra(
-            f"{feature} needs {distribution}: pip install 'actorbus[{extra}]'"
-        ) from exc
+        raise missing_extra(feature, distribution, extra) from exc
 
 
 def needs_redis(feature: str) -> AbstractContextManager[None]:

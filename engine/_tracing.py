@@ -33,6 +33,8 @@ try:
 except ImportError:  # no otel extra: nothing is traced
     _trace = None  # type: ignore[assignment]
 
+from ._extras import missing_extra
+
 __all__ = ["Tracing", "event_attributes", "finish_span"]
 
 _PROPAGATOR: Any = TraceContextTextMapPropagator() if _trace is not None else None
@@ -78,7 +80,7 @@ class Tracing:
                 f"tracer_provider must be an OpenTelemetry TracerProvider, got {provider!r}"
             )
         if provider is not None and _trace is None:
-            raise ImportError("tracer_provider needs opentelemetry: pip install 'actorbus[otel]'")
+            raise missing_extra("Engine(tracer_provider=...)", "opentelemetry-api", "otel")
         self._provider = provider
         self._tracer: Any = None
         self.on = False

@@ -234,5 +234,46 @@ def test_the_core_dependencies_are_four_and_redis_is_an_extra() -> None:
     assert names(project["dependencies"]) == CORE
     extras = project["optional-dependencies"]
     assert extras["redis"] == ["coredis>=6.9,<7"]
+    assert extras["otel"] == ["opentelemetry-api>=1.20"]  # the API only: users bring the SDK
+    assert {"opentelemetry-api", "opentelemetry-sdk"} <= names(extras["dev"])
     assert "coredis>=6.9,<7" in extras["dev"]  # CI installs '.[dev]' and runs the Redis tests
     assert "coredis" in names(extras["bench"])  # the cluster benchmarks
+
+
+async def test_without_opentelemetry_nothing_is_traced_and_a_provider_names_the_extra() -> None:
+    out = await lean_ok(
+        """
+        sys.modules["opentelemetry"] = None  # the otel extra is not installed either
+        import anyio
+        from engine import Engine, Event, MissingExtra
+
+        class Ping(Event, tag="lean.otel.ping"):
+            n: int
+
+        class Provider:
+            def get_tracer(self, name):
+                raise AssertionError("never asked")
+
+        async def main():
+            seen = []
+
+            async def handle(event):
+                seen.append(event.n)
+
+            async with Engine() as engine:
+                engine.subscribe(Ping, handler=handle, name="untraced")
+                await engine.publish(Ping(n=1))
+                await engine.idle()
+            print(seen)
+            try:
+                Engine(tracer_provider=Provider())
+            except MissingExtra as exc:
+                print(isinstance(exc, ImportError), exc)
+
+        anyio.run(main)
+        """
+    )
+    assert out.splitlines() == [
+        "[1]",
+        "True Engine(tracer_provider=...) needs opentelemetry-api: pip install 'actorbus[otel]'",
+    ]
