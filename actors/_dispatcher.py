@@ -12,7 +12,7 @@ from engine._actor import Actor, bind
 from engine._cancel import as_failure
 from engine._events import Event
 from engine._routing import Delivery, OutboxRoutes, Router, Subscription
-from engine._tracing import Tracing, event_attributes, finish_span
+from engine._tracing import Tracing, finish_span
 
 __all__ = ["ActorSubscriber", "Dispatcher", "FunctionSubscriber"]
 
@@ -113,10 +113,7 @@ class FunctionSubscriber(Actor):
         cell = self._actorbus_cell
         assert cell is not None
         event = delivery.event
-        attributes = event_attributes(event, delivery.seq)
-        attributes["actorbus.partition"] = cell.name
-        name = f"handle {self.subscription.name}"
-        with self.tracing.span(name, attributes, delivery.trace) as span:
+        with self.tracing.handling(self.subscription.name, cell.name, delivery) as span:
             try:
                 await self.handler(event)
             except BaseException as exc:
@@ -192,10 +189,7 @@ class ActorSubscriber(Actor):
         assert cell is not None
         if type(message) is Delivery and self.tracing.on:
             # A failure restarts the actor and retries: each attempt is a span of its own.
-            attributes = event_attributes(message.event, message.seq)
-            attributes["actorbus.partition"] = cell.name
-            name = f"handle {self.subscription.name}"
-            with self.tracing.span(name, attributes, message.trace):
+            with self.tracing.handling(self.subscription.name, cell.name, message):
                 result = await self.inner.receive(message.event)
         else:
             event = message.event if type(message) is Delivery else message

@@ -193,8 +193,6 @@ class EventBus:
         self, event_types: tuple[object, ...], projector: object, **options: Any
     ) -> SubscriptionRef:
         """A projection (``engine.project``): one partition, in order, the node's own."""
-        if self.durable is None:
-            raise EngineError("project needs a database: use Engine('app.db')")
         return self.subscribe(
             event_types,
             projector,

@@ -617,8 +617,7 @@ class ClusterLink:
                     tg.start_soon(self._hand_over, lease)
             with contextlib.suppress(Unavailable):  # its membership expires on its own then
                 await self._redis("zrem", self._members(name), [self.config.node])
-            logger.info("cluster: node %r left subscription %r", self.config.node, name)
-            self.emit(PartitionsRebalanced(subscription=name, owned=[]))
+            self._rebalanced(name)  # it holds none now
             return
         followers = self._followers.pop(name, [])
         for follower in followers:

@@ -414,8 +414,7 @@ class Outbox:
         bus = self.bus
         if bus.controller.state is BackpressureState.CRITICAL:
             bus.refuse_critical()
-        request = Request(lambda tx: tx.publish(event), kind="events")
-        request.trace = trace
+        request = Request(lambda tx: tx.publish(event), kind="events", trace=trace)
         if not self.store.submit(request):
             bus.controller.reject()
             raise BackpressureError(
@@ -810,8 +809,8 @@ class Outbox:
                 return
             self._settle(cell, delivery, request.result)
 
-        request = Request(apply, done, kind="projection")
-        request.trace = delivery.trace  # what its projector publishes continues the trace
+        # What its projector publishes continues the event's trace.
+        request = Request(apply, done, kind="projection", trace=delivery.trace)
         self.store.submit(request, bounded=False)
 
     def _projected(

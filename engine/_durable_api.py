@@ -50,14 +50,20 @@ class DurableAPI:
         per attempt) up to ``max_attempts``, then the event is dead-lettered in
         that same transaction. Needs a database.
         """
+        self._database("project")
         return self._bus.project(
             event_types, projector, name=name, max_attempts=max_attempts, capacity=capacity
         )
 
-    def _require_outbox(self, what: str) -> Outbox:
+    def _database(self, what: str) -> Outbox:
+        """The outbox; ``EngineError`` for ``what`` without a database."""
         outbox = self._outbox
         if outbox is None:
             raise EngineError(f"{what} needs a database: use Engine('app.db')")
+        return outbox
+
+    def _require_outbox(self, what: str) -> Outbox:
+        outbox = self._database(what)
         self._runtime.check_publishing()
         return outbox
 
@@ -75,8 +81,8 @@ class DurableAPI:
         outbox = self._require_outbox("transact")
         tracing = self._tracing
         if tracing.on:
-            with tracing.span("transact", {}):
-                traced: _T = await outbox.transact(fn, tracing.context())
+            with tracing.publishing("transact", {}) as trace:
+                traced: _T = await outbox.transact(fn, trace)
             return traced
         result: _T = await outbox.transact(fn)
         return result

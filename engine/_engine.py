@@ -328,8 +328,8 @@ class Engine(Spawner, DurableAPI):
         self._runtime.check_publishing()
         tracing = self._tracing
         if tracing.on:
-            with tracing.span("publish", event_attributes(event)):
-                await self._bus.publish(event, timeout, tracing.context())
+            with tracing.publishing("publish", event_attributes(event)) as trace:
+                await self._bus.publish(event, timeout, trace)
             return
         await self._bus.publish(event, timeout)
 
@@ -344,8 +344,8 @@ class Engine(Spawner, DurableAPI):
             runtime.check_publishing()
         tracing = self._tracing
         if tracing.on:
-            with tracing.span("publish", event_attributes(event)):
-                self._bus.try_publish(event, tracing.context())
+            with tracing.publishing("publish", event_attributes(event)) as trace:
+                self._bus.try_publish(event, trace)
             return
         self._bus.try_publish(event)
 

@@ -543,6 +543,7 @@ class Request:
         on_done: Callable[[Request], None] | None = None,
         *,
         kind: str = "write",
+        trace: str | None = None,
     ) -> None:
         self.fn = fn
         self.on_done = on_done
@@ -558,7 +559,7 @@ class Request:
         self.deadline: float | None = None
         self.waiter: anyio.Event | None = None
         # The caller's trace context (engine._tracing), kept with the events it publishes.
-        self.trace: str | None = None
+        self.trace = trace
 
 
 class StorageMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -987,8 +988,7 @@ class Store:
         for the COMMIT and is raised after it.
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
-        request = Request(fn, kind=kind)
-        request.trace = trace
+        request = Request(fn, kind=kind, trace=trace)
         handed = False
         if (
             self._parked

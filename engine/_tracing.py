@@ -96,6 +96,21 @@ class Tracing:
         self._tracer = provider.get_tracer("actorbus")
         self.on = True
 
+    @contextlib.contextmanager
+    def publishing(self, name: str, attributes: Attributes) -> Iterator[str | None]:
+        """A ``publish``/``transact`` span; yields its context, to store with the events."""
+        with self.span(name, attributes):
+            yield self.context()
+
+    @contextlib.contextmanager
+    def handling(self, subscription: str, partition: str, delivery: Any) -> Iterator[Any]:
+        """The ``handle {subscription}`` span of ``delivery`` in ``partition``, child of
+        the context it was published in."""
+        attributes = event_attributes(delivery.event, delivery.seq)
+        attributes["actorbus.partition"] = partition
+        with self.span(f"handle {subscription}", attributes, delivery.trace) as span:
+            yield span
+
     def context(self) -> str | None:
         """The current trace context as stored with an event, or None without one."""
         carrier: dict[str, str] = {}

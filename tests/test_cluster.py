@@ -1344,17 +1344,23 @@ async def test_idle_waits_until_what_committed_here_is_in_redis(
         assert cluster_metrics(engine).forwarding_lag == 0
 
 
+async def handled_then_closed(engine: Engine, handled: Handled, count: int) -> list[Job]:
+    """``count`` jobs committed and handled by a node-scope subscription, then it closed."""
+    ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+    jobs = [Job(key=f"k{n}", n=n) for n in range(count)]
+    await commit(engine, *jobs)
+    await until(lambda: len(handled.log) == count, "the jobs handled")
+    await bounded(ref.close())
+    assert ref.closed
+    return jobs
+
+
 async def test_a_closed_node_scope_subscription_resumes_after_its_position(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     handled = Handled()
     async with node_engine(tmp_path, redis_server, "a") as engine:
-        ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
-        first = [Job(key=f"k{n}", n=n) for n in range(6)]
-        await commit(engine, *first)
-        await until(lambda: len(handled.log) == 6, "the first jobs handled")
-        await bounded(ref.close())
-        assert ref.closed
+        first = await handled_then_closed(engine, handled, 6)
         later = [Job(key=f"k{n}", n=n) for n in range(6, 10)]
         await commit(engine, *later)
         await bounded(engine.idle())
@@ -1420,11 +1426,7 @@ async def test_forget_on_a_node_drops_its_stream_positions_and_their_retention(
 ) -> None:
     handled = Handled()
     async with node_engine(tmp_path, redis_server, "a") as engine:
-        ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
-        jobs = [Job(key=f"k{n}", n=n) for n in range(4)]
-        await commit(engine, *jobs)
-        await until(lambda: len(handled.log) == 4, "the jobs handled")
-        await bounded(ref.close())
+        await handled_then_closed(engine, handled, 4)
         fields = redis(redis_server, "HKEYS", f"{NS}:positions")
         assert sorted(f for f in fields if f.startswith(b"a|jobs|")) == [
             f"a|jobs|{p}".encode() for p in range(4)
