@@ -1147,7 +1147,7 @@ class ClusterLink:
             live_nodes=list(self.live_nodes),
             owned={name: sorted(leases) for name, leases in self._leased.items()},
             forwarding_lag=self.forwarding_lag,
-            lag={name: dict(parts) for name, parts in self._lag.items()},
+            lag={name: dict(self._lag.get(name, {})) for name in self._cluster_subscriptions},
             trimmed=self.trimmed,
         )
 

@@ -134,6 +134,8 @@ class ClusterMetrics(msgspec.Struct, frozen=True, kw_only=True):
     forwarding_lag: int
     """Events committed here and not yet in Redis."""
     lag: dict[str, dict[int, int]]
-    """Per cluster-scope subscription and partition: entries not yet handled."""
+    """Per cluster-scope subscription and partition: entries not yet handled, as
+    observed on the node's last beat (every lease_ttl / 3). A subscription is listed
+    from the moment it is registered; its partitions appear once a beat observed them."""
     trimmed: int
     """Stream entries this node trimmed (retention and ``max_len``)."""

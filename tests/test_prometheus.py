@@ -199,11 +199,13 @@ async def test_a_scrape_shows_the_cluster_owned_partitions_and_partition_lag(
         await engine.transact(lambda tx: [tx.publish(Order(order=order)) for order in orders])
         with anyio.fail_after(10):
             await started.wait()
+
         # The handler holds the partition's reader: the lag stays where it is.
-        await poll(
-            lambda: view(engine).forwarding_lag == 0 and view(engine).lag["billing"][busy] > 0,
-            "the partition's lag observed",
-        )
+        def observed() -> bool:
+            cluster = view(engine)
+            return cluster.forwarding_lag == 0 and cluster.lag["billing"].get(busy, 0) > 0
+
+        await poll(observed, "the partition's lag observed")
         samples = scrape(registry)
         snapshot = view(engine)
         gate.set()
