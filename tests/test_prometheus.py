@@ -195,6 +195,7 @@ async def test_a_scrape_shows_the_cluster_owned_partitions_and_partition_lag(
     async with Engine(tmp_path / "n1.db", cluster=node(redis_server, "n1")) as engine:
         register(engine, registry)
         engine.subscribe(Order, handler=bill, name="billing")
+        assert "billing" in view(engine).lag  # listed from its registration on
         await poll(lambda: view(engine).owned == {"billing": [0, 1, 2, 3]}, "every partition")
         await engine.transact(lambda tx: [tx.publish(Order(order=order)) for order in orders])
         with anyio.fail_after(10):
