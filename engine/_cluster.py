@@ -6,7 +6,8 @@
   partition's stream and moves the mark in Redis in the same atomic step, so
   an event is in the streams exactly once across crashes. The mark is where a
   restart resumes; a Redis that came back empty (the mark is lower than what
-  this node forwarded) is filled again from what the outbox still holds.
+  this node forwarded, seen by the next forward or the next beat) is filled
+  again from what the outbox still holds.
 - **Leases.** Every ``lease_ttl / 3`` the node beats (a sorted set of nodes and
   their expiry), renews its leases (``SET NX PX`` keys holding a fencing
   token), gives up partitions above its share (``ceil(partitions / live
@@ -20,6 +21,10 @@
   kept in the node's database; a projection's position commits with its writes.
 - **Retention.** The node with the smallest name trims each stream below what
   every group and every node-scope position passed, and to ``max_len``.
+- **Idle.** ``engine.idle`` waits until what this node forwarded is read back by
+  its readers: the highest seq of its own events per partition, forwarded and
+  handled. A read that finds the stream's end covers what was in Redis before it
+  began (trimmed entries, a Redis that lost data).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -287,6 +292,7 @@ class ClusterLink:
         self._meta = f"{ns}:partitions"
         self._positions = f"{ns}:positions"
         self.producer = ""
+        self._producer_key = b""
         self.forwarded = 0
         # Each change of the partitions this node holds goes out as a PartitionsRebalanced.
         self.emit: Emit = ignore
@@ -301,6 +307,8 @@ class ClusterLink:
         self._running = 0
         self._all_stopped: anyio.Event | None = None
         self._grouped: set[str] = set()
+        # Cluster-scope subscriptions this node balanced once (took the free partitions).
+        self._balanced: set[str] = set()
         self._joined = anyio.Event()
         # Cluster-scope subscriptions: their leases by partition.
         self._leased: dict[str, dict[int, _Lease]] = {}
@@ -313,6 +321,10 @@ class ClusterLink:
         # Node-scope positions to checkpoint: (subscription, partition) -> entry id.
         self._positions_seen: dict[tuple[str, int], tuple[int, int]] = {}
         self._positions_saved: dict[tuple[str, int], tuple[int, int]] = {}
+        # engine.idle: per partition, the highest seq of this node's events in Redis
+        # (forwarded in this run); per (reader, partition), the highest of them read back.
+        self._sent: dict[int, int] = {}
+        self._read_back: dict[tuple[str, int], int] = {}
 
     def runtime_closing(self) -> bool:
         return self.runtime.closing
@@ -342,6 +354,7 @@ class ClusterLink:
         producer id, and join the namespace; a namespace with another partition count
         refuses the node. A Redis that does not answer is joined later, in the background."""
         self.producer = await self.outbox.store.call(_producer_id, kind="cluster", background=True)
+        self._producer_key = self.producer.encode()
         runtime = self.runtime
         await runtime.task_group.start(self._run_client, name="actorbus cluster client")
         try:
@@ -452,10 +465,16 @@ class ClusterLink:
                 f"{int(stored)} partitions; this node was started with {config.partitions} "
                 "(the partition count of a namespace is fixed: changing it is a migration)"
             )
-        if self._joined.is_set():
-            return
+        forwarded = self.forwarded  # known to be in Redis before this read
         mark = await self._redis("hget", self._marks, self.producer)
-        self.forwarded = int(mark) if mark is not None else 0
+        held = int(mark) if mark is not None else 0
+        if self._joined.is_set():
+            # Redis came back without this node's events: forward them again now (the
+            # beat wakes the forwarder), not only once something new commits.
+            if held < forwarded:
+                self._lost(held)
+            return
+        self.forwarded = held
         if not self._joined.is_set():
             self._joined.set()
             logger.info(
@@ -509,7 +528,7 @@ class ClusterLink:
                 rows = await self._read(start)
                 if not rows:
                     return
-            keys, args = self._batch(start, rows)
+            keys, args, tops = self._batch(start, rows)
             following: list[OutboxRow] = []
             failure: Exception | None = None
             async with anyio.create_task_group() as tg:
@@ -532,16 +551,14 @@ class ClusterLink:
                 continue
             delay = RETRY_INITIAL
             if int(top) < 0:
-                logger.warning(
-                    "cluster: Redis holds seq %d for this node, %d was forwarded: Redis lost "
-                    "data; forwarding again what the outbox holds from there",
-                    int(mark),
-                    start,
-                )
-                self.forwarded = int(mark)
+                self._lost(int(mark))
                 rows = []
                 continue
             self.forwarded = int(top)
+            sent = self._sent
+            for partition, seq in tops.items():
+                if seq > sent.get(partition, 0):
+                    sent[partition] = seq
             rows = following
             # One position write per caught-up backlog (or per SAVE_EVERY s of it), not
             # one commit per batch: a position that lags only makes prune keep more.
@@ -549,6 +566,18 @@ class ClusterLink:
             if not rows or now - saved_at >= SAVE_EVERY:
                 saved_at = now
                 self._save_forwarded(int(top))
+
+    def _lost(self, mark: int) -> None:
+        """Redis holds ``mark`` as this node's forwarded seq, below what it forwarded:
+        it lost data. Forwarding goes on from ``mark`` (the forward script skips what
+        Redis holds, so nothing goes in twice)."""
+        logger.warning(
+            "cluster: Redis holds seq %d for this node, %d was forwarded: Redis lost "
+            "data; forwarding again what the outbox holds from there",
+            mark,
+            self.forwarded,
+        )
+        self.forwarded = mark
 
     async def _read(self, after: int) -> list[OutboxRow]:
         rows: list[OutboxRow] = await self.outbox.store.read(
@@ -560,10 +589,14 @@ class ClusterLink:
         with contextlib.suppress(EngineError):  # the engine stops: read again next run
             rows.extend(await self._read(after))
 
-    def _batch(self, start: int, rows: list[OutboxRow]) -> tuple[list[Any], list[Any]]:
-        """The forward script's keys and arguments for ``rows`` (forwarded up to ``start``)."""
+    def _batch(
+        self, start: int, rows: list[OutboxRow]
+    ) -> tuple[list[Any], list[Any], dict[int, int]]:
+        """The forward script's keys and arguments for ``rows`` (forwarded up to
+        ``start``), and the highest seq of ``rows`` per partition."""
         keys: list[Any] = [self._marks]
         index: dict[int, int] = {}
+        tops: dict[int, int] = {}
         args: list[Any] = [self.producer, start]
         for row in rows:
             partition = self.partition_of(row.event, row.seq)
@@ -572,7 +605,8 @@ class ClusterLink:
                 keys.append(self.config.stream(partition))
                 slot = index[partition] = len(keys)
             args.extend((row.seq, slot, row.payload, row.trace or ""))
-        return keys, args
+            tops[partition] = row.seq  # rows come in seq order
+        return keys, args, tops
 
     def _save_forwarded(self, seq: int) -> None:
         """The forwarder's position in ``tracking``: prune keeps what is not forwarded."""
@@ -593,9 +627,54 @@ class ClusterLink:
         return max(0, self.outbox.head - self.forwarded)
 
     def unsettled(self) -> str | None:
-        """What keeps this node from idle (``engine.idle``): events not yet forwarded."""
+        """What keeps this node from idle (``engine.idle``): events committed here and
+        not yet forwarded, or forwarded and not yet read back by this node's readers:
+        every node-scope subscription and projection, and the partitions of each
+        cluster-scope subscription this node holds, once it took the free ones (the
+        others are their holders' to wait for)."""
         lag = self.forwarding_lag
-        return f"{lag} events committed here and not yet forwarded to Redis" if lag else None
+        if lag:
+            return f"{lag} events committed here and not yet forwarded to Redis"
+        waiting = [name for name in self._cluster_subscriptions if name not in self._balanced]
+        if waiting:
+            return "cluster-scope subscriptions not yet given partitions: " + ", ".join(waiting)
+        sent = self._sent
+        read_back = self._read_back
+        behind = [
+            f"{name}:{partition}"
+            for name, partitions in self._reading()
+            for partition in partitions
+            if read_back.get((name, partition), 0) < sent.get(partition, 0)
+        ]
+        if behind:
+            return "events forwarded from here and not yet read back: " + ", ".join(behind)
+        return None
+
+    def _reading(self) -> Iterator[tuple[str, Iterable[int]]]:
+        """This node's readers: each node-scope subscription and projection with every
+        partition, each cluster-scope subscription with the partitions it holds."""
+        every = range(self.config.partitions)
+        for name in self._followers:
+            yield name, every
+        for name, leases in self._leased.items():
+            yield name, list(leases)
+
+    def _read_through(self, name: str, partition: int, entry: Any) -> None:
+        """``name`` finished ``entry`` of ``partition``: if this node produced it, what
+        it forwarded there is read back up to the entry's seq."""
+        fields = entry.field_values
+        if fields.get(b"p") != self._producer_key:
+            return
+        try:
+            seq = int(fields.get(b"s", b"0"))
+        except ValueError:
+            return
+        self._caught_up(name, partition, seq)
+
+    def _caught_up(self, name: str, partition: int, seq: int) -> None:
+        key = (name, partition)
+        if seq > self._read_back.get(key, 0):
+            self._read_back[key] = seq
 
     # --------------------------------------------------------------- subscriptions
 
@@ -611,6 +690,7 @@ class ClusterLink:
         if subscription.scope == "cluster":
             self._cluster_subscriptions.pop(name, None)
             self._grouped.discard(name)
+            self._balanced.discard(name)
             leases = list(self._leased.pop(name, {}).values())
             async with anyio.create_task_group() as tg:
                 for lease in leases:
@@ -635,11 +715,17 @@ class ClusterLink:
             self._cluster_subscriptions[subscription.name] = subscription
             self._leased[subscription.name] = {}
             return
+        # Made here, not in the readers' tasks: idle() counts them from now on, and a
+        # close that comes before a task started stops it all the same.
+        followers = self._followers.setdefault(subscription.name, [])
         for partition in range(self.config.partitions):
+            follower = _Follower()
+            followers.append(follower)
             self.runtime.start_task(
                 self._follow,
                 subscription,
                 partition,
+                follower,
                 name=f"cluster follow {subscription.name}:{partition}",
             )
 
@@ -686,6 +772,7 @@ class ClusterLink:
                 self._grouped.add(name)
             share = math.ceil(config.partitions / len(_names(members, node)))
             await self._balance(subscription, self._leased[name], share)
+            self._balanced.add(name)
         await self._checkpoint_positions()
         await self._observe(leader=nodes[0] == node, now_ms=now_ms)
 
@@ -781,6 +868,7 @@ class ClusterLink:
                         lease.partition,
                     )
                     self._drop(name, lease)
+                    self._balanced.discard(name)  # taken again once Redis answers
 
     async def _hand_over(self, lease: _Lease) -> None:
         """Stop reading ``lease``'s partition — the entry in hand is finished and
@@ -828,6 +916,7 @@ class ClusterLink:
             lease.scope = scope
             try:
                 while lease.valid() and not runtime.closing:
+                    sent = self._sent.get(partition, 0)  # as in _follow_from
                     try:
                         found = await self._redis(
                             "xreadgroup",
@@ -856,6 +945,8 @@ class ClusterLink:
                             cursor = ">"
                             continue
                     elif not entries or anyio.current_time() - looked > PENDING_LOOK:
+                        if not entries:  # nothing left for the group: all of it was read
+                            self._caught_up(group, partition, sent)
                         # Pending entries again now and then: a reader that held this
                         # partition before may have taken entries it could not handle.
                         cursor = "0"
@@ -869,6 +960,7 @@ class ClusterLink:
                             cursor = "0"
                             await anyio.sleep(RETRY_INITIAL)
                             break
+                        self._read_through(group, partition, entry)
             finally:
                 lease.scope = None
                 lease.ended.set()
@@ -914,13 +1006,12 @@ class ClusterLink:
         with contextlib.suppress(StreamDuplicateConsumerGroupError):  # made by another node
             await self._redis("xgroup_create", stream, group, identifier="0", mkstream=True)
 
-    async def _follow(self, subscription: Subscription, partition: int) -> None:
+    async def _follow(
+        self, subscription: Subscription, partition: int, follower: _Follower
+    ) -> None:
         """Read every entry of one partition for a node-scope subscription or a
         projection, from the position kept in this node's database."""
         stream = self.config.stream(partition)
-        name = subscription.name
-        follower = _Follower()
-        self._followers.setdefault(name, []).append(follower)
         try:
             await self._follow_from(subscription, partition, stream, follower)
         finally:
@@ -944,6 +1035,8 @@ class ClusterLink:
             await self._joined.wait()
             await self._publish_position(name, partition, position)
             while not runtime.closing:
+                # In Redis before this read began: read back if it finds nothing newer.
+                sent = self._sent.get(partition, 0)
                 try:
                     found = await self._redis(
                         "xread", {stream: format_id(position)}, count=READ_COUNT, block=BLOCK_MS
@@ -954,6 +1047,8 @@ class ClusterLink:
                     continue
                 delay = RETRY_INITIAL
                 entries = found.get(stream.encode(), ()) if found else ()
+                if not entries:
+                    self._caught_up(name, partition, sent)
                 for entry in entries:
                     if runtime.stopping or follower.stopped:
                         return
@@ -966,6 +1061,7 @@ class ClusterLink:
                             elif not await reader.handle(partition, None, entry):
                                 return
                             self._positions_seen[(name, partition)] = entry_position
+                            self._read_through(name, partition, entry)
                     finally:
                         runtime.idle()
                     position = entry_position

@@ -264,7 +264,8 @@ class Engine(Spawner, DurableAPI):
     async def idle(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Return once nothing is in flight (every mailbox empty and no handler, retry,
         write or catch-up under way, no event holding a slot; in a cluster, what committed
-        here is in Redis); ``TimeoutError`` after ``timeout`` s. Publish, idle, assert."""
+        here is in Redis and this node's readers handled it); ``TimeoutError`` after
+        ``timeout`` s. Publish, idle, assert."""
         link = self._link
         extra = [] if link is None else [link.unsettled]
         await self._runtime.wait_idle([self._bus.unsettled, *extra], timeout)

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import pytest
@@ -1351,6 +1351,93 @@ async def test_idle_waits_until_what_committed_here_is_in_redis(
         await anyio.to_thread.run_sync(redis_server.start)
         await bounded(engine.idle())
         assert cluster_metrics(engine).forwarding_lag == 0
+
+
+@pytest.mark.parametrize("reader", ["node-scope", "cluster-scope", "projection"])
+async def test_idle_waits_until_this_nodes_readers_read_back_what_it_forwarded(
+    tmp_path: Path, redis_server: RedisServer, reader: str
+) -> None:
+    """Once ``idle()`` returns, the reader on this node has handled what it committed:
+    a node-scope subscription, a projection, or a cluster-scope subscription whose
+    partitions it holds. Asserted at once, no polling; one reader per test, so no
+    other reader's wait covers it."""
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        await bounded(engine.transact(setup))
+        if reader == "projection":
+            engine.project(Job, projector=apply, name=TALLY)
+        else:
+            scope: Literal["node", "cluster"] = "node" if reader == "node-scope" else "cluster"
+            engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope=scope)
+        if reader == "cluster-scope":
+            await until(lambda: owned(engine) == [0, 1, 2, 3], "a holds every partition")
+        for round_ in range(3):
+            jobs = [Job(key=f"k{n}", n=n) for n in range(round_ * 10, round_ * 10 + 10)]
+            await commit(engine, *jobs)
+            await bounded(engine.idle())
+            seen = {str(event.id) for _, event in handled.log}
+            if reader == "projection":
+                seen = set(await applied(engine))
+            assert {str(job.id) for job in jobs} <= seen
+
+
+async def test_idle_right_after_subscribing_waits_for_the_partitions_to_be_taken(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A user's test: subscribe (cluster scope), commit, ``idle()``, assert. The node
+    takes the subscription's partitions on its next beat: ``idle()`` waits for that
+    and for the reading, whatever the order."""
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a", lease_ttl=1.5) as engine:
+        engine.subscribe(Job, handler=handled.handler("a"), name=JOBS)
+        jobs = [Job(key=f"k{n}", n=n) for n in range(8)]
+        await commit(engine, *jobs)
+        await bounded(engine.idle())
+        assert handled.ids() == collections.Counter(str(job.id) for job in jobs)
+
+
+async def test_idle_is_not_held_by_entries_trimmed_before_a_reader_came(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """What this node forwarded and retention trimmed before a subscription was made
+    cannot be read back: ``idle()`` returns once that reader found the stream's end."""
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        engine.subscribe(Job, handler=handled.handler("a"), name="early", scope="node")
+        await commit(engine, *(Job(key=f"k{n}", n=n) for n in range(8)))
+        await bounded(engine.idle())
+        for partition in range(4):
+            redis(redis_server, "XTRIM", f"{NS}:{partition}", "MAXLEN", 0)
+        engine.subscribe(Job, handler=handled.handler("late"), name="late", scope="node")
+        await bounded(engine.idle())
+    assert [node for node, _ in handled.log].count("late") == 0
+
+
+@pytest.mark.parametrize("scope", ["node", "cluster"])
+async def test_idle_names_a_reader_that_has_not_read_back(
+    tmp_path: Path, redis_server: RedisServer, scope: Literal["node", "cluster"]
+) -> None:
+    """A subscription made while Redis is away cannot read back what was forwarded
+    before: ``idle()`` waits, and its ``TimeoutError`` names the subscription. Redis
+    comes back empty: with nothing new committed, the node forwards again what its
+    outbox holds, and the reader catches up."""
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a", partitions=1) as engine:
+        jobs = [Job(key="k", n=1), Job(key="k", n=2)]
+        await commit(engine, *jobs)
+        await bounded(engine.idle())
+        await anyio.to_thread.run_sync(redis_server.stop)
+        await until(lambda: not cluster_metrics(engine).connected, "a sees Redis gone")
+        engine.subscribe(Job, handler=handled.handler("a"), name="late", scope=scope)
+        unsettled = {
+            "node": r"not yet read back: late:0$",
+            "cluster": r"cluster-scope subscriptions not yet given partitions: late$",
+        }
+        with pytest.raises(TimeoutError, match=unsettled[scope]):
+            await engine.idle(timeout=0.3)
+        await anyio.to_thread.run_sync(redis_server.start)
+        await bounded(engine.idle())
+        assert {str(event.id) for _, event in handled.log} == {str(job.id) for job in jobs}
 
 
 async def handled_then_closed(engine: Engine, handled: Handled, count: int) -> list[Job]:
