@@ -138,6 +138,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return -1
 """
+# engine.forget of a cluster-scope subscription no live node runs: its members set
+# and its consumer group in each partition's stream go, in one step with the check.
+# KEYS: the members set, then the streams. ARGV: the group. Returns {groups
+# destroyed, live members}; -1 and the members when a live node still runs it.
+_FORGET_GROUPS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #live > 0 then
+  return {-1, live}
+end
+redis.call('DEL', KEYS[1])
+local destroyed = 0
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    destroyed = destroyed + redis.call('XGROUP', 'DESTROY', KEYS[i], ARGV[1])
+  end
+end
+return {destroyed, live}
+"""
 
 
 def ANSWERS() -> tuple[type[Exception], ...]:
@@ -391,6 +412,7 @@ class ClusterLink:
                 ("renew", _RENEW),
                 ("release", _RELEASE),
                 ("ack", _ACK),
+                ("forget", _FORGET_GROUPS),
             ):
                 self._scripts[name] = client.register_script(text)
             task_status.started()
@@ -687,6 +709,9 @@ class ClusterLink:
         take them; its unacknowledged entries come again there); a node-scope one's
         readers end, their positions checkpointed by ``retire``."""
         name = subscription.name
+        # Subscribed again, its readers read back anew (from their position, or from
+        # the streams' start once forgotten).
+        self._read_back = {key: seq for key, seq in self._read_back.items() if key[0] != name}
         if subscription.scope == "cluster":
             self._cluster_subscriptions.pop(name, None)
             self._grouped.discard(name)
@@ -1136,13 +1161,56 @@ class ClusterLink:
 
     async def forget(self, name: str) -> int:
         """``engine.forget`` on a cluster node: the stored positions (the outbox's and
-        this node's in the streams) and the retention position it publishes for ``name``."""
-        forgotten = await self.outbox.forget(name)
-        node = self.config.node
+        this node's in the streams), the retention position it publishes for ``name``,
+        and, when no live node runs ``name`` in cluster scope, its consumer groups
+        (``ValueError`` naming the nodes that still run it; nothing is dropped then)."""
+        config = self.config
+        try:
+            groups = await self._forget_groups(name)
+        except Unavailable as exc:
+            away: Unavailable | None = exc
+            groups = 0
+        else:
+            away = None
+        try:
+            forgotten = groups + await self.outbox.forget(name)
+        except KeyError:
+            if groups:
+                forgotten = groups
+            elif away is not None:
+                raise Unavailable(
+                    f"no positions of {name!r} in this node's database, and Redis at "
+                    f"{redact(config.url)} does not answer: its consumer groups were not "
+                    "looked for; try again once it does"
+                ) from away
+            else:
+                raise
+        if away is not None:
+            logger.warning(
+                "cluster: forget %r: Redis does not answer, its consumer groups (if any) "
+                "stay in the streams",
+                name,
+            )
+        node = config.node
         fields = [f"{node}|{name}|{partition}" for partition in range(self.config.partitions)]
         with contextlib.suppress(Unavailable):  # then retention keeps its entries longer
             await self._redis("hdel", self._positions, fields)
         return forgotten
+
+    async def _forget_groups(self, name: str) -> int:
+        """Destroy the consumer groups of ``name`` when no live node runs it in cluster
+        scope; how many partitions had one. A node that subscribes it later makes them
+        again, from the streams' start."""
+        config = self.config
+        streams = [config.stream(partition) for partition in range(config.partitions)]
+        destroyed, live = await self._script("forget", [self._members(name), *streams], [name])
+        if int(destroyed) < 0:
+            nodes = ", ".join(sorted(n.decode() if isinstance(n, bytes) else str(n) for n in live))
+            raise ValueError(
+                f"subscription {name!r} still runs in cluster scope on node(s) {nodes}: "
+                "close it there before forgetting it"
+            )
+        return int(destroyed)
 
     async def _publish_position(self, name: str, partition: int, position: tuple[int, int]) -> None:
         """Tell retention where a node-scope reader starts, before it reads."""

@@ -101,7 +101,9 @@ class DurableAPI:
     async def forget(self, name: str) -> int:
         """Drop the stored positions of a retired durable subscription or projection, as
         ``python -m engine forget`` does; returns how many it had (``KeyError``: none;
-        ``ValueError`` while one of that name is registered here: close it first)."""
+        ``ValueError`` while one of that name is registered here: close it first). On a
+        cluster node also its positions in the streams and, once no live node runs it in
+        cluster scope, its consumer groups (``ValueError`` naming the nodes that do)."""
         self._bus.check_retired(name)
         outbox = self._require_outbox("forget")
         return await (outbox if self._link is None else self._link).forget(name)

@@ -1532,7 +1532,86 @@ async def test_forget_on_a_node_drops_its_stream_positions_and_their_retention(
         assert [f for f in fields if f.startswith(b"a|jobs|")] == []
         with pytest.raises(KeyError, match="jobs"):
             await engine.forget(JOBS)
-        # Subscribed again it starts over: every job comes again.
+        # Subscribed again it starts over: every job comes again (young entries are
+        # kept whatever retention's floors say), and idle() waits for the new reader.
         engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
-        await until(lambda: len(handled.log) == 8, "every job handled again")
+        await bounded(engine.idle())
+        assert len(handled.log) == 8
     assert set(handled.ids().values()) == {2}
+
+
+def groups(server: RedisServer, name: str, partitions: int = 4) -> list[int]:
+    """The partitions whose stream holds a consumer group ``name``."""
+    found = []
+    for partition in range(partitions):
+        try:
+            infos = redis(server, "XINFO", "GROUPS", f"{NS}:{partition}")
+        except RespError:
+            continue  # no stream
+        if isinstance(infos, RespError):
+            continue
+        names = {dict(zip(info[::2], info[1::2], strict=True))[b"name"] for info in infos}
+        if name.encode() in names:
+            found.append(partition)
+    return found
+
+
+async def test_forget_drops_a_retired_cluster_scope_subscriptions_groups(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A cluster-scope subscription no node runs any more: ``forget`` destroys its
+    consumer group in every partition's stream (which held retention back) and its
+    members set; subscribed again, it reads what the streams hold from their start."""
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS)
+        await commit(engine, *(Job(key=f"k{n}", n=n) for n in range(6)))
+        await bounded(engine.idle())
+        assert len(handled.log) == 6
+        await bounded(ref.close())
+        assert groups(redis_server, JOBS) == [0, 1, 2, 3]
+        assert await bounded(engine.forget(JOBS)) == 4
+        assert groups(redis_server, JOBS) == []
+        assert redis(redis_server, "EXISTS", f"{NS}:members:{JOBS}") == 0
+        with pytest.raises(KeyError, match="jobs"):
+            await engine.forget(JOBS)
+        # What retention kept (the group had passed it all) comes again, from the start.
+        kept = {str(decode(fields[b"e"]).id) for _, _, fields in stream_entries(redis_server, 4)}
+        del handled.log[:]
+        engine.subscribe(Job, handler=handled.handler("a"), name=JOBS)
+        await bounded(engine.idle())
+    assert handled.ids() == collections.Counter(kept)
+
+
+async def test_forget_refuses_a_cluster_scope_subscription_a_live_node_runs(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Node b runs ``jobs`` in cluster scope: ``forget`` on node a (which does not) is
+    refused naming b, and nothing is dropped: its groups and a's positions stay."""
+    handled = Handled()
+    async with (
+        node_engine(tmp_path, redis_server, "a") as a,
+        node_engine(tmp_path, redis_server, "b") as b,
+    ):
+        await handled_then_closed(a, handled, 2)  # a's node-scope positions of jobs
+        b.subscribe(Job, handler=handled.handler("b"), name=JOBS)
+        await until(lambda: owned(b) == [0, 1, 2, 3], "b holds every partition")
+        with pytest.raises(ValueError, match=r"'jobs' still runs in cluster scope on node\(s\) b:"):
+            await a.forget(JOBS)
+        assert groups(redis_server, JOBS) == [0, 1, 2, 3]
+        fields = redis(redis_server, "HKEYS", f"{NS}:positions")
+        assert len([f for f in fields if f.startswith(b"a|jobs|")]) == 4
+
+
+async def test_forget_while_redis_is_away(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Redis away: the positions in this node's database are dropped all the same (the
+    groups, if any, stay); with none here, the error says Redis did not answer rather
+    than that nothing is tracked."""
+    handled = Handled()
+    async with node_engine(tmp_path, redis_server, "a") as engine:
+        await handled_then_closed(engine, handled, 2)
+        await anyio.to_thread.run_sync(redis_server.stop)
+        await until(lambda: not cluster_metrics(engine).connected, "a sees Redis gone")
+        assert await bounded(engine.forget(JOBS)) == 4
+        with pytest.raises(EngineError, match=r"'jobs'.*does not answer"):
+            await engine.forget(JOBS)
