@@ -188,9 +188,18 @@ class ActorSubscriber(Actor):
         cell = self._actorbus_cell
         assert cell is not None
         if type(message) is Delivery and self.tracing.on:
-            # A failure restarts the actor and retries: each attempt is a span of its own.
-            with self.tracing.handling(self.subscription.name, cell.name, message):
-                result = await self.inner.receive(message.event)
+            # A failure restarts the actor and retries: each attempt is a span of its own,
+            # and the last one's carries the dead letter.
+            with self.tracing.handling(self.subscription.name, cell.name, message) as span:
+                try:
+                    result = await self.inner.receive(message.event)
+                except BaseException as exc:
+                    error = as_failure(exc)
+                    if error is not None:
+                        attempt, last = cell.attempt()
+                        finish_span(span, attempt, error if last else None, failed=not last)
+                    raise
+                finish_span(span, cell.attempt()[0])
         else:
             event = message.event if type(message) is Delivery else message
             result = await self.inner.receive(event)

@@ -487,6 +487,8 @@ class Cell:
         self.instance: Actor | None = None
         self.current: Any = None
         self.retry: tuple[Any, int, BaseException] | None = None
+        # Attempts the message in hand failed before this one (set on retries only).
+        self.retried = 0
         self.loop_scope: anyio.CancelScope | None = None
 
         self.self_stop = False
@@ -794,6 +796,7 @@ class Cell:
         """Hand a failed message to the fresh instance; None when it succeeded."""
         ask = item if type(item) is _Ask else None
         self.current, self.retry = item, None
+        self.retried = attempts
         try:
             result = await receive(ask.message if ask is not None else item)
         except BaseException as exc:
@@ -802,11 +805,19 @@ class Cell:
                 raise
             self.current = None
             return self._failed(item, attempts, error)
+        finally:
+            self.retried = 0
         self.current = None
         self.processed += 1
         if ask is not None:
             ask.set_result(result)
         return None
+
+    def attempt(self) -> tuple[int, bool]:
+        """The attempt under way at the message in hand (1 the first time), and whether
+        it is the last: failing now dead-letters the message."""
+        attempt = self.retried + 1
+        return attempt, attempt >= self.max_attempts or self.restart is Restart.TEMPORARY
 
     def _failed(self, item: Any, attempts: int, error: Exception) -> Outcome:
         attempts += 1

@@ -55,12 +55,15 @@ def event_attributes(event: Any, seq: int | None = None) -> dict[str, str | int 
     return attributes
 
 
-def finish_span(span: Any, attempts: int, error: BaseException | None = None) -> None:
+def finish_span(
+    span: Any, attempts: int, error: BaseException | None = None, *, failed: bool = False
+) -> None:
     """A handler's span at its end: how many attempts, and the outcome (a dead letter,
-    after the last attempt's ``error``, is an event on it and fails it)."""
+    after the last attempt's ``error``, is an event on it and fails it; ``failed``: an
+    actor's attempt that failed and is retried in a span of its own)."""
     span.set_attribute("actorbus.attempt", attempts)
     if error is None:
-        span.set_attribute("actorbus.outcome", "handled")
+        span.set_attribute("actorbus.outcome", "failed" if failed else "handled")
         return
     span.set_attribute("actorbus.outcome", "dead-lettered")
     span.add_event(

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from engine import CircuitBreakerConfig, Engine, Event
+from engine import Actor, CircuitBreakerConfig, Engine, Event
 from engine.cluster import RedisStreams
 from engine.events import encode
 from tests.redis_server import RedisServer, redis_server_binary
@@ -157,6 +157,61 @@ async def test_a_dead_letter_is_an_event_on_the_failed_handlers_span(traced: Tra
     assert span.attributes["actorbus.attempt"] == 2
     names = [event.name for event in span.events]
     assert names == ["exception", "exception", "actorbus.dead_letter"]
+
+
+class Cashier(Actor):
+    """Fails each event the first ``Cashier.fails[n]`` times it is given it."""
+
+    fails: dict[int, int] = {}  # noqa: RUF012 - the test's shared script
+    seen: dict[int, int] = {}  # noqa: RUF012
+
+    async def receive(self, message: Any) -> None:
+        n = message.n
+        Cashier.seen[n] = Cashier.seen.get(n, 0) + 1
+        if Cashier.seen[n] <= Cashier.fails.get(n, 0):
+            raise ValueError(f"cannot pay {n}")
+
+
+async def test_an_actor_handlers_attempts_are_spans_and_the_last_carries_the_dead_letter(
+    traced: Traced,
+) -> None:
+    """An actor handler is restarted between attempts: each attempt is a span of its
+    own, with its number and outcome; the last one of a dead-lettered event carries
+    the dead letter and fails."""
+    Cashier.fails, Cashier.seen = {1: 0, 2: 1, 3: 5}, {}
+    async with Engine(tracer_provider=traced.provider) as engine:
+        engine.subscribe(Paid, handler=Cashier, name="cashier", max_attempts=3)
+        with traced.tracer.start_as_current_span("request"):
+            for n in (1, 2, 3):
+                await engine.publish(Paid(n=n))
+        await engine.idle()
+    request = traced.spans()["request"]
+    assert request.context is not None
+    by_event: dict[str, list[tuple[object, object, str, list[str]]]] = {}
+    for span in traced.exporter.get_finished_spans():
+        if span.name != "handle cashier":
+            continue
+        assert span.attributes is not None
+        assert span.context is not None
+        assert span.context.trace_id == request.context.trace_id
+        by_event.setdefault(str(span.attributes["actorbus.event.id"]), []).append(
+            (
+                span.attributes["actorbus.attempt"],
+                span.attributes["actorbus.outcome"],
+                span.status.status_code.name,
+                [event.name for event in span.events],
+            )
+        )
+    assert sorted(by_event.values(), key=len) == [
+        [(1, "handled", "UNSET", [])],
+        [(1, "failed", "ERROR", ["exception"]), (2, "handled", "UNSET", [])],
+        [
+            (1, "failed", "ERROR", ["exception"]),
+            (2, "failed", "ERROR", ["exception"]),
+            (3, "dead-lettered", "ERROR", ["actorbus.dead_letter", "exception"]),
+        ],
+    ]
+    assert engine.dead_letters.count() == 1
 
 
 async def test_a_breaker_call_is_a_span_of_its_callers_trace(traced: Traced) -> None:
