@@ -1521,7 +1521,8 @@ async def test_forget_on_a_node_drops_its_stream_positions_and_their_retention(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     handled = Handled()
-    async with node_engine(tmp_path, redis_server, "a") as engine:
+    # Retention keeps entries younger than two lease TTLs: 10 s, so the jobs stay.
+    async with node_engine(tmp_path, redis_server, "a", lease_ttl=5.0) as engine:
         await handled_then_closed(engine, handled, 4)
         fields = redis(redis_server, "HKEYS", f"{NS}:positions")
         assert sorted(f for f in fields if f.startswith(b"a|jobs|")) == [
@@ -1532,12 +1533,13 @@ async def test_forget_on_a_node_drops_its_stream_positions_and_their_retention(
         assert [f for f in fields if f.startswith(b"a|jobs|")] == []
         with pytest.raises(KeyError, match="jobs"):
             await engine.forget(JOBS)
-        # Subscribed again it starts over: every job comes again (young entries are
-        # kept whatever retention's floors say), and idle() waits for the new reader.
+        # Subscribed again it starts over: what retention kept comes again, and idle()
+        # waits for it.
+        kept = {str(decode(entry[b"e"]).id) for _, _, entry in stream_entries(redis_server, 4)}
+        del handled.log[:]
         engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
         await bounded(engine.idle())
-        assert len(handled.log) == 8
-    assert set(handled.ids().values()) == {2}
+        assert handled.ids() == collections.Counter(kept)
 
 
 def groups(server: RedisServer, name: str, partitions: int = 4) -> list[int]:
@@ -1563,7 +1565,8 @@ async def test_forget_drops_a_retired_cluster_scope_subscriptions_groups(
     consumer group in every partition's stream (which held retention back) and its
     members set; subscribed again, it reads what the streams hold from their start."""
     handled = Handled()
-    async with node_engine(tmp_path, redis_server, "a") as engine:
+    # Retention keeps entries younger than two lease TTLs: 10 s, so the jobs stay.
+    async with node_engine(tmp_path, redis_server, "a", lease_ttl=5.0) as engine:
         ref = engine.subscribe(Job, handler=handled.handler("a"), name=JOBS)
         await commit(engine, *(Job(key=f"k{n}", n=n) for n in range(6)))
         await bounded(engine.idle())
