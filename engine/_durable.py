@@ -874,9 +874,13 @@ class Outbox:
         projector = subscription.projector
         assert projector is not None
         attempts = subscription.max_attempts
+        name = subscription.name
+        tracing = self.bus.tracing
+        # Traced, the replay's span is a child of the caller's (whoever asked for it).
+        trace = tracing.context() if tracing.on else None
 
         def replay(tx: Transaction) -> None:
-            error = run_projector(tx, projector, event, attempts)
+            error = project_event(tracing, name, tx, projector, event, attempts, None, trace)
             if error is not None:
                 raise error
             tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (letter.id,))

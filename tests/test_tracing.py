@@ -58,6 +58,12 @@ def traced() -> Iterator[Traced]:
     tracing.provider.shutdown()
 
 
+def pending_writes(engine: Engine) -> int:
+    storage = engine.metrics().storage
+    assert storage is not None
+    return storage.pending_writes
+
+
 def _parent(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
 
@@ -140,6 +146,56 @@ async def test_the_trace_waits_in_the_outbox_across_a_restart(
     spans = traced.spans()
     assert spans["handle late"].context.trace_id == spans["request"].context.trace_id
     assert _parent(spans["handle late"]) == spans["publish"].context.span_id
+
+
+async def test_a_projections_replay_is_a_span_of_the_replaying_callers_trace(
+    traced: Traced, tmp_path: Path
+) -> None:
+    """A projection's dead letter replayed: the ``project`` span of the replay is a
+    child of the span that asked for it, and says the event was applied."""
+    healed = False
+
+    def tally(tx: Any, event: Paid) -> None:
+        if not healed:
+            raise ValueError(f"cannot tally {event.n}")
+        tx.conn.execute("INSERT INTO tally (n) VALUES (?)", (event.n,))
+
+    async with Engine(tmp_path / "app.db", tracer_provider=traced.provider) as engine:
+        await engine.transact(lambda tx: tx.conn.execute("CREATE TABLE tally (n INTEGER)"))
+        engine.project(Paid, projector=tally, name="tally", max_attempts=1)
+        await engine.transact(lambda tx: tx.publish(Paid(n=7)))
+        await engine.idle()
+        (letter,) = engine.dead_letters.list()
+        healed = True
+        traced.exporter.clear()
+        # The writer is busy when the replay comes: it runs in the writer's batch, not
+        # in the caller's thread hop, and still joins the caller's trace.
+        holding, gate = threading.Event(), threading.Event()
+
+        def hold(tx: Any) -> None:
+            holding.set()
+            gate.wait(10)
+
+        async def replay() -> None:
+            with traced.tracer.start_as_current_span("operator"):
+                await engine.dead_letters.replay(letter.id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.transact, hold)
+            await anyio.to_thread.run_sync(holding.wait)
+            tg.start_soon(replay)
+            with anyio.fail_after(10):
+                while pending_writes(engine) < 2:  # noqa: ASYNC110 - queued behind ``hold``
+                    await anyio.sleep(0.001)
+            gate.set()
+        await engine.idle()
+        rows = await engine.transact(lambda tx: tx.conn.execute("SELECT n FROM tally").fetchall())
+    assert rows == [(7,)]
+    spans = traced.spans()
+    replayed, operator = spans["project tally"], spans["operator"]
+    assert replayed.attributes is not None
+    assert replayed.attributes["actorbus.outcome"] == "applied"
+    assert _parent(replayed) == operator.context.span_id
 
 
 async def test_a_dead_letter_is_an_event_on_the_failed_handlers_span(traced: Traced) -> None:
