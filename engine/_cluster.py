@@ -204,13 +204,43 @@ def _next_id(position: tuple[int, int]) -> str:
     return f"{position[0]}-{position[1] + 1}"
 
 
+class _ReadBack:
+    """What one subscription's readers on this node read back of this node's own
+    events: per partition, the highest seq (``engine.idle``). A subscription closed
+    and made again gets a new one: late marks of its old readers land in the old."""
+
+    __slots__ = ("seqs",)
+
+    def __init__(self) -> None:
+        self.seqs: dict[int, int] = {}
+
+    def caught_up(self, partition: int, seq: int) -> None:
+        if seq > self.seqs.get(partition, 0):
+            self.seqs[partition] = seq
+
+    def behind(self, partition: int, sent: int) -> bool:
+        return self.seqs.get(partition, 0) < sent
+
+
 class _Lease:
     """A partition this node holds: the fencing token and until when it is surely ours."""
 
-    __slots__ = ("ended", "held", "key", "partition", "scope", "token", "valid_until")
+    __slots__ = (
+        "ended",
+        "held",
+        "key",
+        "partition",
+        "read_back",
+        "scope",
+        "token",
+        "valid_until",
+    )
 
-    def __init__(self, key: str, partition: int, token: str, valid_until: float) -> None:
+    def __init__(
+        self, key: str, partition: int, token: str, valid_until: float, read_back: _ReadBack
+    ) -> None:
         self.key = key
+        self.read_back = read_back
         self.partition = partition
         self.token = token
         self.valid_until = valid_until
@@ -232,9 +262,10 @@ def entry_trace(entry: Any) -> str | None:
 class _Follower:
     """One node-scope reader of one partition: ``stop`` ends it after the entry in hand."""
 
-    __slots__ = ("ended", "scope", "stopped")
+    __slots__ = ("ended", "read_back", "scope", "stopped")
 
-    def __init__(self) -> None:
+    def __init__(self, read_back: _ReadBack) -> None:
+        self.read_back = read_back
         self.ended = anyio.Event()
         self.scope: anyio.CancelScope | None = None
         self.stopped = False
@@ -343,9 +374,9 @@ class ClusterLink:
         self._positions_seen: dict[tuple[str, int], tuple[int, int]] = {}
         self._positions_saved: dict[tuple[str, int], tuple[int, int]] = {}
         # engine.idle: per partition, the highest seq of this node's events in Redis
-        # (forwarded in this run); per (reader, partition), the highest of them read back.
+        # (forwarded in this run); per subscription, how far its readers read them back.
         self._sent: dict[int, int] = {}
-        self._read_back: dict[tuple[str, int], int] = {}
+        self._read_back: dict[str, _ReadBack] = {}
 
     def runtime_closing(self) -> bool:
         return self.runtime.closing
@@ -661,28 +692,30 @@ class ClusterLink:
         if waiting:
             return "cluster-scope subscriptions not yet given partitions: " + ", ".join(waiting)
         sent = self._sent
-        read_back = self._read_back
         behind = [
             f"{name}:{partition}"
-            for name, partitions in self._reading()
+            for name, read_back, partitions in self._reading()
             for partition in partitions
-            if read_back.get((name, partition), 0) < sent.get(partition, 0)
+            if read_back.behind(partition, sent.get(partition, 0))
         ]
         if behind:
             return "events forwarded from here and not yet read back: " + ", ".join(behind)
         return None
 
-    def _reading(self) -> Iterator[tuple[str, Iterable[int]]]:
+    def _reading(self) -> Iterator[tuple[str, _ReadBack, Iterable[int]]]:
         """This node's readers: each node-scope subscription and projection with every
         partition, each cluster-scope subscription with the partitions it holds."""
         every = range(self.config.partitions)
+        read_back = self._read_back
         for name in self._followers:
-            yield name, every
+            if name in read_back:
+                yield name, read_back[name], every
         for name, leases in self._leased.items():
-            yield name, list(leases)
+            if name in read_back:
+                yield name, read_back[name], list(leases)
 
-    def _read_through(self, name: str, partition: int, entry: Any) -> None:
-        """``name`` finished ``entry`` of ``partition``: if this node produced it, what
+    def _read_through(self, read_back: _ReadBack, partition: int, entry: Any) -> None:
+        """A reader finished ``entry`` of ``partition``: if this node produced it, what
         it forwarded there is read back up to the entry's seq."""
         fields = entry.field_values
         if fields.get(b"p") != self._producer_key:
@@ -691,12 +724,7 @@ class ClusterLink:
             seq = int(fields.get(b"s", b"0"))
         except ValueError:
             return
-        self._caught_up(name, partition, seq)
-
-    def _caught_up(self, name: str, partition: int, seq: int) -> None:
-        key = (name, partition)
-        if seq > self._read_back.get(key, 0):
-            self._read_back[key] = seq
+        read_back.caught_up(partition, seq)
 
     # --------------------------------------------------------------- subscriptions
 
@@ -709,9 +737,7 @@ class ClusterLink:
         take them; its unacknowledged entries come again there); a node-scope one's
         readers end, their positions checkpointed by ``retire``."""
         name = subscription.name
-        # Subscribed again, its readers read back anew (from their position, or from
-        # the streams' start once forgotten).
-        self._read_back = {key: seq for key, seq in self._read_back.items() if key[0] != name}
+        self._read_back.pop(name, None)  # subscribed again, its new readers read back anew
         if subscription.scope == "cluster":
             self._cluster_subscriptions.pop(name, None)
             self._grouped.discard(name)
@@ -736,6 +762,7 @@ class ClusterLink:
         await self._checkpoint_positions()
 
     def start(self, subscription: Subscription) -> None:
+        read_back = self._read_back[subscription.name] = _ReadBack()
         if subscription.scope == "cluster":
             self._cluster_subscriptions[subscription.name] = subscription
             self._leased[subscription.name] = {}
@@ -744,7 +771,7 @@ class ClusterLink:
         # close that comes before a task started stops it all the same.
         followers = self._followers.setdefault(subscription.name, [])
         for partition in range(self.config.partitions):
-            follower = _Follower()
+            follower = _Follower(read_back)
             followers.append(follower)
             self.runtime.start_task(
                 self._follow,
@@ -851,7 +878,9 @@ class ClusterLink:
             taken = await self._redis("set", key, token, condition=coredis.PureToken.NX, px=ttl_ms)
             if not taken:
                 continue
-            lease = _Lease(key, partition, token, started + config.lease_ttl * 0.9)
+            # Closed during this beat: a throwaway, nothing waits on its marks.
+            read_back = self._read_back.get(subscription.name) or _ReadBack()
+            lease = _Lease(key, partition, token, started + config.lease_ttl * 0.9, read_back)
             leases[partition] = lease
             self.runtime.start_task(
                 self._consume,
@@ -971,7 +1000,7 @@ class ClusterLink:
                             continue
                     elif not entries or anyio.current_time() - looked > PENDING_LOOK:
                         if not entries:  # nothing left for the group: all of it was read
-                            self._caught_up(group, partition, sent)
+                            lease.read_back.caught_up(partition, sent)
                         # Pending entries again now and then: a reader that held this
                         # partition before may have taken entries it could not handle.
                         cursor = "0"
@@ -985,7 +1014,7 @@ class ClusterLink:
                             cursor = "0"
                             await anyio.sleep(RETRY_INITIAL)
                             break
-                        self._read_through(group, partition, entry)
+                        self._read_through(lease.read_back, partition, entry)
             finally:
                 lease.scope = None
                 lease.ended.set()
@@ -1073,7 +1102,7 @@ class ClusterLink:
                 delay = RETRY_INITIAL
                 entries = found.get(stream.encode(), ()) if found else ()
                 if not entries:
-                    self._caught_up(name, partition, sent)
+                    follower.read_back.caught_up(partition, sent)
                 for entry in entries:
                     if runtime.stopping or follower.stopped:
                         return
@@ -1086,7 +1115,7 @@ class ClusterLink:
                             elif not await reader.handle(partition, None, entry):
                                 return
                             self._positions_seen[(name, partition)] = entry_position
-                            self._read_through(name, partition, entry)
+                            self._read_through(follower.read_back, partition, entry)
                     finally:
                         runtime.idle()
                     position = entry_position

@@ -1542,6 +1542,36 @@ async def test_forget_on_a_node_drops_its_stream_positions_and_their_retention(
         assert handled.ids() == collections.Counter(kept)
 
 
+async def test_idle_after_a_close_in_mid_entry_waits_for_the_new_readers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A node-scope subscription is closed while its reader has an entry in hand; the
+    reader finishes it after the close began. Forgotten and subscribed again, the new
+    readers read the stream from its start, and ``idle()`` waits for them: what the old
+    reader finished late does not count for them."""
+    gate, started = anyio.Event(), anyio.Event()
+    handled = Handled()
+
+    async def held(job: Job) -> None:
+        started.set()
+        await gate.wait()
+
+    async with node_engine(tmp_path, redis_server, "a", partitions=1, lease_ttl=5.0) as engine:
+        ref = engine.subscribe(Job, handler=held, name=JOBS, scope="node")
+        job = Job(key="k", n=1)
+        await commit(engine, job)
+        with anyio.fail_after(BOUND):
+            await started.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ref.close)
+            await anyio.lowlevel.checkpoint()  # the close begins: the reader stops after this
+            gate.set()
+        assert await bounded(engine.forget(JOBS)) == 1
+        engine.subscribe(Job, handler=handled.handler("a"), name=JOBS, scope="node")
+        await bounded(engine.idle())
+        assert handled.ids() == collections.Counter([str(job.id)])
+
+
 def groups(server: RedisServer, name: str, partitions: int = 4) -> list[int]:
     """The partitions whose stream holds a consumer group ``name``."""
     found = []
