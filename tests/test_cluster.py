@@ -1622,9 +1622,11 @@ async def test_forget_refuses_a_cluster_scope_subscription_a_live_node_runs(
     """Node b runs ``jobs`` in cluster scope: ``forget`` on node a (which does not) is
     refused naming b, and nothing is dropped: its groups and a's positions stay."""
     handled = Handled()
+    # A node is live while its last beat is younger than a lease TTL: 5 s, so that b
+    # stays live on a loaded machine (with 0.6 s, a late beat made it dead, rightly).
     async with (
-        node_engine(tmp_path, redis_server, "a") as a,
-        node_engine(tmp_path, redis_server, "b") as b,
+        node_engine(tmp_path, redis_server, "a", lease_ttl=5.0) as a,
+        node_engine(tmp_path, redis_server, "b", lease_ttl=5.0) as b,
     ):
         await handled_then_closed(a, handled, 2)  # a's node-scope positions of jobs
         b.subscribe(Job, handler=handled.handler("b"), name=JOBS)
