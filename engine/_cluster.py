@@ -300,7 +300,7 @@ class _Reader:
         try:
             event = decode(payload)
         except EventDecodeError as exc:
-            await link.dead_letter(subscription.name, payload, exc, entry_id)
+            await link.dead_letter(subscription.name, payload, exc, entry_id, entry_trace(entry))
             return True
         if not subscription.matches(type(event)):
             return True
@@ -786,8 +786,14 @@ class ClusterLink:
     ) -> None:
         await self.outbox.replay_projection(subscription, event, letter)
 
-    async def dead_letter(self, name: str, message: Any, error: BaseException, entry: str) -> None:
-        """Dead-letter an entry that does not decode; returns once it is stored."""
+    async def dead_letter(
+        self, name: str, message: Any, error: BaseException, entry: str, trace: str | None
+    ) -> None:
+        """Dead-letter an entry that does not decode (in a span, traced); returns once
+        it is stored."""
+        tracing = self.bus.tracing
+        if tracing.on:
+            tracing.undecodable(f"handle {name}", entry, trace, error)
         stored = anyio.Event()
         self.dead_letters.add(
             name, message, "failed", error=error, attempts=1, entry=entry, then=stored.set
@@ -1162,6 +1168,8 @@ class ClusterLink:
             try:
                 event = decode(payload)
             except EventDecodeError as exc:
+                if tracing.on:
+                    tracing.undecodable(f"project {name}", entry_id, trace, exc)
                 letter = dead_letters.insert_row(
                     conn, name, bytes(payload), "failed", exc, 1, entry=entry_id
                 )

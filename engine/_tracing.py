@@ -114,6 +114,13 @@ class Tracing:
         with self.span(f"handle {subscription}", attributes, delivery.trace) as span:
             yield span
 
+    def undecodable(self, name: str, entry: str, trace: str | None, error: BaseException) -> None:
+        """The span of a stream entry that does not decode (no event to name it by),
+        ``name`` as a handler's or projection's: dead-lettered at once."""
+        with self.span(name, {"actorbus.stream.entry": entry}, trace) as span:
+            span.record_exception(error)
+            finish_span(span, 1, error)
+
     def context(self) -> str | None:
         """The current trace context as stored with an event, or None without one."""
         carrier: dict[str, str] = {}

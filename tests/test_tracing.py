@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import coredis
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from engine import Actor, CircuitBreakerConfig, Engine, Event
 from engine.cluster import RedisStreams
@@ -373,6 +375,41 @@ async def test_one_trace_runs_across_two_cluster_nodes(traced: Traced, tmp_path:
     assert spans["handle billing"].context.trace_id == trace_id
     assert _parent(spans["handle billing"]) == spans["transact"].context.span_id
     assert spans["project ledger"].context.trace_id == trace_id
+
+
+async def test_a_stream_entry_that_does_not_decode_is_a_dead_lettered_span(
+    traced: Traced, tmp_path: Path
+) -> None:
+    """Another tool writes an entry that is no event into a partition's stream, with
+    its own trace context: a node's handler and projection dead-letter it, each in a
+    span of that trace naming the entry."""
+    with RedisServer(redis_server_binary()) as server:
+        cluster = RedisStreams(server.url, namespace="traced", partitions=1, node="a")
+        async with Engine(tmp_path / "a.db", cluster=cluster, tracer_provider=traced.provider) as a:
+            a.subscribe(Paid, handler=_recorder([]), name="billing", scope="node")
+            a.project(Paid, projector=_ledger, name="ledger")
+            carrier: dict[str, str] = {}
+            with traced.tracer.start_as_current_span("stranger"):
+                TraceContextTextMapPropagator().inject(carrier)
+            client = coredis.Redis.from_url(server.url)
+            async with client:
+                entry = await client.xadd(
+                    "traced:0",
+                    {"p": "stranger", "s": "1", "e": "not json", "t": carrier["traceparent"]},
+                )
+            with anyio.fail_after(15):  # an entry of another producer: idle() does not wait
+                while a.dead_letters.count() < 2:  # noqa: ASYNC110 - stored in two places
+                    await anyio.sleep(0.01)
+    assert entry is not None
+    stranger = traced.spans()["stranger"]
+    for name in ("handle billing", "project ledger"):
+        span = traced.spans()[name]
+        assert span.attributes is not None
+        assert span.attributes["actorbus.stream.entry"] == entry.decode()
+        assert span.attributes["actorbus.outcome"] == "dead-lettered"
+        assert span.status.status_code is StatusCode.ERROR
+        assert [event.name for event in span.events] == ["exception", "actorbus.dead_letter"]
+        assert _parent(span) == stranger.context.span_id
 
 
 async def test_otel_sdk_disabled_switches_tracing_off(
