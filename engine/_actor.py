@@ -817,12 +817,16 @@ class Cell:
         """The attempt under way at the message in hand (1 the first time), and whether
         it is the last: failing now dead-letters the message."""
         attempt = self.retried + 1
-        return attempt, attempt >= self.max_attempts or self.restart is Restart.TEMPORARY
+        return attempt, self._last(attempt)
+
+    def _last(self, attempts: int) -> bool:
+        """A message that failed ``attempts`` times is dead-lettered, not retried."""
+        return attempts >= self.max_attempts or self.restart is Restart.TEMPORARY
 
     def _failed(self, item: Any, attempts: int, error: Exception) -> Outcome:
         attempts += 1
         self.failed += 1
-        if attempts >= self.max_attempts or self.restart is Restart.TEMPORARY:
+        if self._last(attempts):
             self.retry = None
             self.dead_letter(item, "failed", error, attempts)
         else:
