@@ -204,22 +204,21 @@ def _next_id(position: tuple[int, int]) -> str:
     return f"{position[0]}-{position[1] + 1}"
 
 
-class _ReadBack:
-    """What one subscription's readers on this node read back of this node's own
-    events: per partition, the highest seq (``engine.idle``). A subscription closed
-    and made again gets a new one: late marks of its old readers land in the old."""
+class _Seqs:
+    """The highest seq of this node's own events per partition (``engine.idle``): the
+    ones forwarded to Redis, or the ones one subscription's readers read back."""
 
     __slots__ = ("seqs",)
 
     def __init__(self) -> None:
         self.seqs: dict[int, int] = {}
 
-    def caught_up(self, partition: int, seq: int) -> None:
+    def mark(self, partition: int, seq: int) -> None:
         if seq > self.seqs.get(partition, 0):
             self.seqs[partition] = seq
 
-    def behind(self, partition: int, sent: int) -> bool:
-        return self.seqs.get(partition, 0) < sent
+    def of(self, partition: int) -> int:
+        return self.seqs.get(partition, 0)
 
 
 class _Lease:
@@ -237,7 +236,7 @@ class _Lease:
     )
 
     def __init__(
-        self, key: str, partition: int, token: str, valid_until: float, read_back: _ReadBack
+        self, key: str, partition: int, token: str, valid_until: float, read_back: _Seqs
     ) -> None:
         self.key = key
         self.read_back = read_back
@@ -253,6 +252,18 @@ class _Lease:
         return self.held and anyio.current_time() < self.valid_until
 
 
+def entry_origin(entry: Any) -> tuple[str, int]:
+    """The producer and outbox seq a stream entry carries (fields ``p`` and ``s``);
+    seq 0 when it has none that parses (an entry another tool wrote)."""
+    fields = entry.field_values
+    producer = bytes(fields.get(b"p", b"")).decode("utf-8", "replace")
+    try:
+        seq = int(fields.get(b"s", b"0"))
+    except ValueError:
+        seq = 0
+    return producer, seq
+
+
 def entry_trace(entry: Any) -> str | None:
     """The trace context a stream entry carries (field ``t``), if any (engine._tracing)."""
     raw = entry.field_values.get(b"t")
@@ -264,7 +275,7 @@ class _Follower:
 
     __slots__ = ("ended", "read_back", "scope", "stopped")
 
-    def __init__(self, read_back: _ReadBack) -> None:
+    def __init__(self, read_back: _Seqs) -> None:
         self.read_back = read_back
         self.ended = anyio.Event()
         self.scope: anyio.CancelScope | None = None
@@ -344,7 +355,6 @@ class ClusterLink:
         self._meta = f"{ns}:partitions"
         self._positions = f"{ns}:positions"
         self.producer = ""
-        self._producer_key = b""
         self.forwarded = 0
         # Each change of the partitions this node holds goes out as a PartitionsRebalanced.
         self.emit: Emit = ignore
@@ -373,10 +383,11 @@ class ClusterLink:
         # Node-scope positions to checkpoint: (subscription, partition) -> entry id.
         self._positions_seen: dict[tuple[str, int], tuple[int, int]] = {}
         self._positions_saved: dict[tuple[str, int], tuple[int, int]] = {}
-        # engine.idle: per partition, the highest seq of this node's events in Redis
-        # (forwarded in this run); per subscription, how far its readers read them back.
-        self._sent: dict[int, int] = {}
-        self._read_back: dict[str, _ReadBack] = {}
+        # engine.idle: what this node forwarded in this run; per subscription, how far
+        # its readers read that back (a record per subscription: one closed and made
+        # again gets a new one, so late marks of its old readers land in the old).
+        self._sent = _Seqs()
+        self._read_back: dict[str, _Seqs] = {}
 
     def runtime_closing(self) -> bool:
         return self.runtime.closing
@@ -406,7 +417,6 @@ class ClusterLink:
         producer id, and join the namespace; a namespace with another partition count
         refuses the node. A Redis that does not answer is joined later, in the background."""
         self.producer = await self.outbox.store.call(_producer_id, kind="cluster", background=True)
-        self._producer_key = self.producer.encode()
         runtime = self.runtime
         await runtime.task_group.start(self._run_client, name="actorbus cluster client")
         try:
@@ -608,10 +618,8 @@ class ClusterLink:
                 rows = []
                 continue
             self.forwarded = int(top)
-            sent = self._sent
             for partition, seq in tops.items():
-                if seq > sent.get(partition, 0):
-                    sent[partition] = seq
+                self._sent.mark(partition, seq)
             rows = following
             # One position write per caught-up backlog (or per SAVE_EVERY s of it), not
             # one commit per batch: a position that lags only makes prune keep more.
@@ -696,13 +704,13 @@ class ClusterLink:
             f"{name}:{partition}"
             for name, read_back, partitions in self._reading()
             for partition in partitions
-            if read_back.behind(partition, sent.get(partition, 0))
+            if read_back.of(partition) < sent.of(partition)
         ]
         if behind:
             return "events forwarded from here and not yet read back: " + ", ".join(behind)
         return None
 
-    def _reading(self) -> Iterator[tuple[str, _ReadBack, Iterable[int]]]:
+    def _reading(self) -> Iterator[tuple[str, _Seqs, Iterable[int]]]:
         """This node's readers: each node-scope subscription and projection with every
         partition, each cluster-scope subscription with the partitions it holds."""
         every = range(self.config.partitions)
@@ -712,19 +720,14 @@ class ClusterLink:
                 yield name, read_back[name], every
         for name, leases in self._leased.items():
             if name in read_back:
-                yield name, read_back[name], list(leases)
+                yield name, read_back[name], leases
 
-    def _read_through(self, read_back: _ReadBack, partition: int, entry: Any) -> None:
+    def _read_through(self, read_back: _Seqs, partition: int, entry: Any) -> None:
         """A reader finished ``entry`` of ``partition``: if this node produced it, what
         it forwarded there is read back up to the entry's seq."""
-        fields = entry.field_values
-        if fields.get(b"p") != self._producer_key:
-            return
-        try:
-            seq = int(fields.get(b"s", b"0"))
-        except ValueError:
-            return
-        read_back.caught_up(partition, seq)
+        producer, seq = entry_origin(entry)
+        if producer == self.producer:
+            read_back.mark(partition, seq)
 
     # --------------------------------------------------------------- subscriptions
 
@@ -762,7 +765,7 @@ class ClusterLink:
         await self._checkpoint_positions()
 
     def start(self, subscription: Subscription) -> None:
-        read_back = self._read_back[subscription.name] = _ReadBack()
+        read_back = self._read_back[subscription.name] = _Seqs()
         if subscription.scope == "cluster":
             self._cluster_subscriptions[subscription.name] = subscription
             self._leased[subscription.name] = {}
@@ -885,7 +888,7 @@ class ClusterLink:
             if not taken:
                 continue
             # Closed during this beat: a throwaway, nothing waits on its marks.
-            read_back = self._read_back.get(subscription.name) or _ReadBack()
+            read_back = self._read_back.get(subscription.name) or _Seqs()
             lease = _Lease(key, partition, token, started + config.lease_ttl * 0.9, read_back)
             leases[partition] = lease
             self.runtime.start_task(
@@ -976,7 +979,7 @@ class ClusterLink:
             lease.scope = scope
             try:
                 while lease.valid() and not runtime.closing:
-                    sent = self._sent.get(partition, 0)  # as in _follow_from
+                    sent = self._sent.of(partition)  # as in _follow_from
                     try:
                         found = await self._redis(
                             "xreadgroup",
@@ -1006,7 +1009,7 @@ class ClusterLink:
                             continue
                     elif not entries or anyio.current_time() - looked > PENDING_LOOK:
                         if not entries:  # nothing left for the group: all of it was read
-                            lease.read_back.caught_up(partition, sent)
+                            lease.read_back.mark(partition, sent)
                         # Pending entries again now and then: a reader that held this
                         # partition before may have taken entries it could not handle.
                         cursor = "0"
@@ -1096,7 +1099,7 @@ class ClusterLink:
             await self._publish_position(name, partition, position)
             while not runtime.closing:
                 # In Redis before this read began: read back if it finds nothing newer.
-                sent = self._sent.get(partition, 0)
+                sent = self._sent.of(partition)
                 try:
                     found = await self._redis(
                         "xread", {stream: format_id(position)}, count=READ_COUNT, block=BLOCK_MS
@@ -1108,7 +1111,7 @@ class ClusterLink:
                 delay = RETRY_INITIAL
                 entries = found.get(stream.encode(), ()) if found else ()
                 if not entries:
-                    follower.read_back.caught_up(partition, sent)
+                    follower.read_back.mark(partition, sent)
                 for entry in entries:
                     if runtime.stopping or follower.stopped:
                         return
@@ -1134,13 +1137,8 @@ class ClusterLink:
         name = subscription.name
         entry_id = entry.identifier.decode()
         position = parse_id(entry_id)
-        fields = entry.field_values
-        payload = fields.get(b"e", b"")
-        producer = bytes(fields.get(b"p", b"")).decode("utf-8", "replace")
-        try:
-            seq = int(fields.get(b"s", b"0"))
-        except ValueError:
-            seq = 0
+        payload = entry.field_values.get(b"e", b"")
+        producer, seq = entry_origin(entry)
         dead_letters = self.dead_letters
         attempts = subscription.max_attempts
         tracing = self.bus.tracing
@@ -1202,37 +1200,33 @@ class ClusterLink:
         and, when no live node runs ``name`` in cluster scope, its consumer groups
         (``ValueError`` naming the nodes that still run it; nothing is dropped then)."""
         config = self.config
+        away: Unavailable | None = None
         try:
             groups = await self._forget_groups(name)
         except Unavailable as exc:
-            away: Unavailable | None = exc
-            groups = 0
-        else:
-            away = None
+            away, groups = exc, 0
         try:
-            forgotten = groups + await self.outbox.forget(name)
+            forgotten = await self.outbox.forget(name)
         except KeyError:
-            if groups:
-                forgotten = groups
-            elif away is not None:
+            if away is not None:
                 raise Unavailable(
                     f"no positions of {name!r} in this node's database, and Redis at "
                     f"{redact(config.url)} does not answer: its consumer groups were not "
                     "looked for; try again once it does"
                 ) from away
-            else:
+            if not groups:
                 raise
+            forgotten = 0
         if away is not None:
             logger.warning(
                 "cluster: forget %r: Redis does not answer, its consumer groups (if any) "
                 "stay in the streams",
                 name,
             )
-        node = config.node
-        fields = [f"{node}|{name}|{partition}" for partition in range(self.config.partitions)]
+        fields = [f"{config.node}|{name}|{partition}" for partition in range(config.partitions)]
         with contextlib.suppress(Unavailable):  # then retention keeps its entries longer
             await self._redis("hdel", self._positions, fields)
-        return forgotten
+        return forgotten + groups
 
     async def _forget_groups(self, name: str) -> int:
         """Destroy the consumer groups of ``name`` when no live node runs it in cluster
